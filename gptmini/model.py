@@ -1,0 +1,174 @@
+"""The GPT model: token embedding, positions, a stack of pre-norm transformer blocks, tied LM head.
+
+Readable in one sitting on purpose; the attention implementations live in `attention.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptmini.attention import KVCache, LayerKVCache, Rope, build_attention
+from gptmini.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot drop just the bias)."""
+
+    def __init__(self, dim: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = build_attention(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        kv_cache: LayerKVCache | None = None,
+        return_weights: bool = False,
+        rope: Rope | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        a, weights = self.attn(self.ln_1(x), kv_cache=kv_cache, return_weights=return_weights, rope=rope)
+        x = x + self.resid_dropout(a)
+        x = x + self.mlp(self.ln_2(x))
+        return x, weights
+
+
+class GPTOutput(NamedTuple):
+    logits: Tensor  # (B, T, vocab_size)
+    loss: Tensor | None  # mean cross-entropy when targets were given
+    attentions: list[Tensor] | None  # per layer (B, H, T, T_total) when return_weights
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = (
+            nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (GPT-2)
+        if config.pos_encoding == "rope":
+            half = config.head_dim // 2
+            inv_freq = 1.0 / (config.rope_base ** (torch.arange(half, dtype=torch.float32) / half))
+            angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (T, hd/2)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02) everywhere, residual output projections scaled by 1/√(2·n_layer)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.MultiheadAttention):  # torch_mha's fused in-projection
+                nn.init.normal_(module.in_proj_weight, mean=0.0, std=0.02)
+                if module.in_proj_bias is not None:
+                    nn.init.zeros_(module.in_proj_bias)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(("out_proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    def num_parameters(self) -> int:
+        """Unique parameters (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def make_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """A preallocated cache for generating up to `max_len` (default block_size) positions."""
+        attn = self.blocks[0].attn
+        ref = self.wte.weight
+        return KVCache(
+            self.config.n_layer,
+            batch_size,
+            attn.cache_heads,
+            max_len or self.config.block_size,
+            attn.cache_head_dim,
+            device=device or ref.device,
+            dtype=dtype or ref.dtype,
+        )
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        return_weights: bool = False,
+    ) -> GPTOutput:
+        """idx (B, T) token ids; with a kv_cache they continue the cached positions."""
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than model.block_size={self.config.block_size}; "
+                f"crop the input to the last {self.config.block_size} tokens"
+            )
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hd/2) x2
+        x = self.drop(x)
+        attentions = [] if return_weights else None
+        for i, block in enumerate(self.blocks):
+            layer_cache = kv_cache.layer(i) if kv_cache is not None else None
+            x, weights = block(x, kv_cache=layer_cache, return_weights=return_weights, rope=rope)
+            if attentions is not None:
+                attentions.append(weights)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+            )
+        return GPTOutput(logits, loss, attentions)
