@@ -80,6 +80,47 @@ class ModelConfig:
             raise ValueError(f"model.attention.window={window} must be a positive integer")
 
 
+@dataclass
+class TrainConfig:
+    """The training loop. Iteration counts are optimizer steps (each `grad_accum` micro-batches)."""
+
+    max_iters: int = 600
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_iters: int = 50
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 200
+    eval_iters: int = 20
+    attn_interval: int = 200  # attention maps to TensorBoard every this many steps (0: never)
+    ckpt_interval: int = 200
+    log_interval: int = 10
+    resume: str = "auto"  # auto: continue from <run dir>/checkpoints/last.pt if present; never; or a path
+    device: str = "auto"  # auto | cpu | cuda | mps (ROCm builds use cuda)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    seed: int = 1337
+    profile: bool = False  # trace a few steps with torch.profiler into <run dir>/profile
+    sample_tokens: int = 200  # length of the text sample logged at each evaluation (0: none)
+    probe_tokens: int = 48  # length of the val-split text whose attention maps are drawn
+    max_bad_steps: int = 20  # consecutive non-finite steps skipped before training stops
+    final_eval: bool = True  # evaluate on the whole val split at the end
+    eval_window: int | None = None  # window of the final evaluation (default: block_size)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. Weight decay applies to weight matrices only, never to biases or norm gains."""
+
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # The token embedding is also the (tied) output head; GPT-2 and nanoGPT decay it like any matrix.
+    decay_embeddings: bool = True
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent; only entry points and tests call it)."""
     from hydra.core.config_store import ConfigStore

@@ -1,0 +1,396 @@
+"""The training loop, as a library function: `train(config, run_dir)`.
+
+Entry scripts parse the config (Hydra) and call this; tests call it directly with a composed config.
+Everything a run produces goes under `run_dir`: config.yaml, train.log, checkpoints/, TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gptmini import data as data_lib
+from gptmini.checkpoint import load_checkpoint, save_checkpoint
+from gptmini.config import ModelConfig, RunConfig
+from gptmini.device import autocast, describe, flops_per_token, mfu, peak_flops, resolve_device, resolve_dtype
+from gptmini.logging import TensorBoard, close_logger, setup_logger
+from gptmini.model import GPT
+from gptmini.sampling import generate
+from gptmini.tokenizer import Tokenizer
+
+
+class TrainingError(ValueError):
+    """Training cannot start or continue; the message says why and what to change."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    final_val_loss: float | None
+    best_val_loss: float | None
+    skipped_steps: int
+    run_dir: Path
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warm-up to train.lr, then cosine decay to lr * min_lr_ratio at max_iters."""
+    t = cfg.train
+    if step < t.warmup_iters:
+        return t.lr * (step + 1) / t.warmup_iters
+    progress = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * coeff)
+
+
+def make_optimizer(model: GPT, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decay on weight matrices only; biases and norm gains never decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.dim() >= 2
+        is_embedding = name.startswith(("wte.", "wpe."))
+        if is_matrix and (cfg.optim.decay_embeddings or not is_embedding):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(
+        groups, lr=cfg.train.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, fused=fused
+    )
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def check_compatible(saved: dict[str, Any], model_cfg: ModelConfig, tokenizer_spec: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint whose model or tokenizer differs, naming the fields."""
+    ours = dataclasses.asdict(model_cfg)
+    theirs = saved["config"]["model"]
+    diffs = [
+        f"model.{k}: checkpoint {theirs.get(k)!r} vs now {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]
+    ]
+    if saved.get("tokenizer") != tokenizer_spec:
+        diffs.append("tokenizer: the checkpoint was trained with a different tokenizer/vocabulary")
+    if diffs:
+        raise TrainingError(
+            "cannot resume: the checkpoint's configuration differs (" + "; ".join(diffs) + "); use the same "
+            "settings, train.resume=never, or a new hydra.run.dir"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[dict[str, bool]]:
+    """SIGINT/SIGTERM set a flag; the loop saves last.pt at the end of the step and exits cleanly."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, sampler: data_lib.BatchSampler, iters: int, ctx) -> float:
+    model.eval()
+    losses = []
+    for _ in range(iters):
+        x, y = sampler.next_batch()
+        with ctx:
+            losses.append(model(x, y).loss.item())
+    model.train()
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: GPT, tokens: np.ndarray, window: int, device: torch.device, ctx, batch_size: int = 32
+) -> float:
+    """Mean cross-entropy over the whole split in non-overlapping windows, every position counted once."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data_lib.iter_windows(tokens, window, batch_size):
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum"
+        )
+        total += loss.item()
+        count += y.numel()
+    model.train()
+    return total / max(1, count)
+
+
+def train(cfg: RunConfig, run_dir: str | Path) -> TrainResult:
+    """Train (or resume) the run in `run_dir`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = setup_logger(run_dir)
+    tb: TensorBoard | None = None
+    try:
+        tb = TensorBoard(run_dir)
+        return _train(cfg, run_dir, log, tb)
+    finally:
+        if tb is not None:
+            tb.close()
+        close_logger(log)
+
+
+def _train(cfg: RunConfig, run_dir: Path, log, tb: TensorBoard) -> TrainResult:
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    device = resolve_device(t.device)
+    dtype = resolve_dtype(t.dtype, device)
+    info = describe(device)
+    log.info(f"device: {info.backend}; dtype: {str(dtype).removeprefix('torch.')}")
+
+    prepared = data_lib.prepare(cfg.data, cfg.data_dir)
+    tokenizer: Tokenizer = prepared.tokenizer
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    model = GPT(model_cfg).to(device)
+    for block in model.blocks:
+        block.attn.check_device(device, training=True)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    train_data, val_data = prepared.train_tokens(), prepared.val_tokens()
+    for split, tokens in (("train", train_data), ("val", val_data)):
+        if len(tokens) < model_cfg.block_size + 1:
+            raise TrainingError(
+                f"the {split} split has {len(tokens)} tokens, fewer than model.block_size+1="
+                f"{model_cfg.block_size + 1}; use more data or a smaller model.block_size"
+            )
+    sampler = data_lib.BatchSampler(train_data, model_cfg.block_size, t.batch_size, seed=t.seed, device=device)
+
+    step, best_val, skipped = 0, None, 0
+    ckpt_dir = run_dir / "checkpoints"
+    resume_from = _resume_path(t.resume, ckpt_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=device)
+        check_compatible(state, model_cfg, tokenizer.spec())
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        step, best_val, skipped = state["step"], state.get("best_val_loss"), state.get("skipped_steps", 0)
+        log.info(f"resumed from {resume_from} at step {step}")
+
+    full_config = config_dict(cfg) | {"model": dataclasses.asdict(model_cfg)}
+    (run_dir / "config.yaml").write_text(_to_yaml(full_config))
+    n_params = model.num_parameters()
+    log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={model_cfg.attention.name}")
+    tb.text("system/backend", f"{info.backend}; dtype {dtype}; torch {torch.__version__}", step, code=False)
+    flops_token = flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_embd, model_cfg.block_size)
+    peak = peak_flops(info.name, dtype)
+    ctx = autocast(device, dtype)
+    run_model = torch.compile(model) if t.compile else model
+    eval_sampler_seed = t.seed + 1_000_003
+    probe = torch.as_tensor(np.asarray(val_data[: min(t.probe_tokens, model_cfg.block_size)], dtype=np.int64))
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": rng_state(),
+            "step": step,
+            "best_val_loss": best_val,
+            "skipped_steps": skipped,
+            "config": full_config,
+            "tokenizer": tokenizer.spec(),
+        }
+
+    def evaluate_and_log() -> None:
+        nonlocal best_val
+        losses = {}
+        for split, tokens in (("train", train_data), ("val", val_data)):
+            eval_sampler = data_lib.BatchSampler(
+                tokens, model_cfg.block_size, t.batch_size, seed=eval_sampler_seed, device=device
+            )
+            losses[split] = estimate_loss(run_model, eval_sampler, t.eval_iters, ctx)
+        log.info(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        tb.scalars({"loss/train_eval": losses["train"], "loss/val": losses["val"]}, step)
+        if best_val is None or losses["val"] < best_val:
+            best_val = losses["val"]
+            save_checkpoint(checkpoint_state(), ckpt_dir / "best.pt")
+        if t.sample_tokens > 0:
+            tb.text("sample", _sample(model, tokenizer, probe, t.sample_tokens, t.seed, device), step)
+
+    def log_attention() -> None:
+        model.eval()
+        with torch.no_grad():
+            attentions = model(probe[None].to(device), return_weights=True).attentions
+        model.train()
+        tb.attention([a.float().cpu() for a in attentions], step)
+
+    model.train()
+    bad_in_a_row = 0
+    tokens_per_step = t.batch_size * t.grad_accum * model_cfg.block_size
+    progress = _progress(step, t.max_iters)
+    last_time, last_step = time.perf_counter(), step
+    with stop_on_signals() as stop, _profiler(t.profile, run_dir) as prof:
+        while step < t.max_iters:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total = torch.zeros((), device=device)
+            for _ in range(t.grad_accum):
+                x, y = sampler.next_batch()
+                with ctx:
+                    loss = run_model(x, y).loss / t.grad_accum
+                scaler.scale(loss).backward()
+                total += loss.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
+            loss_value, norm_value = total.item(), grad_norm.item()
+            if math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled()):
+                scaler.step(optimizer)
+                scaler.update()
+                bad_in_a_row = 0
+            else:  # skip the step: nothing non-finite reaches the weights, the optimizer or a checkpoint
+                skipped += 1
+                bad_in_a_row += 1
+                log.warning(f"step {step}: non-finite loss {loss_value} / grad norm {norm_value}; step skipped")
+                tb.scalars({"train/skipped_steps": skipped}, step)
+                if bad_in_a_row >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping. The last good "
+                        f"checkpoint is {ckpt_dir / 'last.pt'}; lower train.lr or use train.dtype=float32"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if prof is not None:
+                prof.step()
+            progress.update(1)
+            if step % t.log_interval == 0 or step == t.max_iters:
+                now = time.perf_counter()
+                tok_s = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                util = mfu(tok_s, flops_token, peak)
+                progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
+                tb.scalars(
+                    {"loss/train": loss_value, "lr": lr, "grad_norm": norm_value,
+                     "throughput/tokens_per_s": tok_s, "mfu": util},
+                    step,
+                )
+            if t.eval_interval > 0 and (step % t.eval_interval == 0 or step == t.max_iters):
+                evaluate_and_log()
+            if t.attn_interval > 0 and (step % t.attn_interval == 0 or step == t.max_iters):
+                log_attention()
+            if stop["stop"] or step % t.ckpt_interval == 0 or step == t.max_iters:
+                save_checkpoint(checkpoint_state(), ckpt_dir / "last.pt")
+            if stop["stop"]:
+                log.info(f"interrupted: saved {ckpt_dir / 'last.pt'} at step {step}")
+                break
+    progress.close()
+
+    final = None
+    if t.final_eval and not stop["stop"]:
+        window = t.eval_window or model_cfg.block_size
+        final = evaluate_split(model, val_data, window, device, ctx)
+        tb.hparams(full_config, {"hparam/final_val_loss": final})
+        log.info(f"final val loss {final:.4f} (whole split, window {window})")
+    return TrainResult(step=step, final_val_loss=final, best_val_loss=best_val, skipped_steps=skipped,
+                       run_dir=run_dir)
+
+
+def _resume_path(resume: str, ckpt_dir: Path) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        last = ckpt_dir / "last.pt"
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise TrainingError(f"train.resume={resume!r}: no such checkpoint file (valid: auto, never, or a path)")
+    return path
+
+
+def _sample(model: GPT, tokenizer: Tokenizer, probe: Tensor, n: int, seed: int, device: torch.device) -> str:
+    """A continuation of the first few probe tokens, drawn with its own generator (training RNG untouched)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    out = generate(model, probe[None, :8].to(device), n, temperature=0.8, top_k=50, generator=gen)
+    model.train()
+    return tokenizer.decode(out[0].tolist())
+
+
+def _progress(start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+@contextmanager
+def _profiler(enabled: bool, run_dir: Path):
+    """torch.profiler over a few steps, written as a TensorBoard trace (works for CUDA, ROCm/HIP and CPU)."""
+    if not enabled:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(
+        activities=activities,
+        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=tensorboard_trace_handler(str(run_dir / "profile")),
+        record_shapes=True,
+    ) as prof:
+        yield prof
+
+
+def _to_yaml(tree: dict[str, Any]) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(tree))
