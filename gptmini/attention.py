@@ -499,21 +499,25 @@ class TorchMultiheadAttention(Attention):
         )
         return y, weights
 
+    # canonical name -> nn.MultiheadAttention's name
+    _NAMES = (
+        ("qkv.weight", "mha.in_proj_weight"),
+        ("qkv.bias", "mha.in_proj_bias"),
+        ("out_proj.weight", "mha.out_proj.weight"),
+        ("out_proj.bias", "mha.out_proj.bias"),
+    )
+
     def _to_canonical(self, sd, prefix):
-        for ours, theirs in (("qkv.weight", "mha.in_proj_weight"), ("qkv.bias", "mha.in_proj_bias")):
-            if prefix + theirs in sd:
-                sd[prefix + ours] = sd.pop(prefix + theirs)
-        for suffix in ("weight", "bias"):
-            if f"{prefix}mha.out_proj.{suffix}" in sd:
-                sd[f"{prefix}out_proj.{suffix}"] = sd.pop(f"{prefix}mha.out_proj.{suffix}")
+        _rename(sd, prefix, {theirs: ours for ours, theirs in self._NAMES})
 
     def _from_canonical(self, sd, prefix):
-        for ours, theirs in (("qkv.weight", "mha.in_proj_weight"), ("qkv.bias", "mha.in_proj_bias")):
-            if prefix + ours in sd:
-                sd[prefix + theirs] = sd.pop(prefix + ours)
-        for suffix in ("weight", "bias"):
-            if f"{prefix}out_proj.{suffix}" in sd:
-                sd[f"{prefix}mha.out_proj.{suffix}"] = sd.pop(f"{prefix}out_proj.{suffix}")
+        _rename(sd, prefix, dict(self._NAMES))
+
+
+def _rename(sd: dict[str, Tensor], prefix: str, names: dict[str, str]) -> None:
+    for old, new in names.items():
+        if prefix + old in sd:
+            sd[prefix + new] = sd.pop(prefix + old)
 
 
 @register_attention("flex")
