@@ -1,16 +1,20 @@
-"""What the entry scripts share: typed config conversion and one-line errors instead of tracebacks."""
+"""What the entry points share: typed config conversion, Hydra start-up, one-line errors instead of tracebacks."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+
+# The YAML configs, beside the package in the repository (the package is installed in editable mode).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 # Errors that describe bad input; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, OmegaConfBaseException)
@@ -34,3 +38,18 @@ def run_reporting_errors(fn: Callable[[], T]) -> T:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def hydra_main(config_name: str, fn: Callable[[Any], Any]) -> None:
+    """Run `fn(typed config)` under `@hydra.main` with `configs/<config_name>.yaml` (for `python -m ...`)."""
+    import hydra
+
+    from gptmini.config import register_configs
+
+    register_configs()
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)
+    def main(cfg: DictConfig) -> None:
+        run_reporting_errors(lambda: fn(to_dataclass(cfg)))
+
+    main()

@@ -105,6 +105,7 @@ class TrainConfig:
     sample_tokens: int = 200  # length of the text sample logged at each evaluation (0: none)
     probe_tokens: int = 48  # length of the val-split text whose attention maps are drawn
     max_bad_steps: int = 20  # consecutive non-finite steps skipped before training stops
+    stop_after: int | None = None  # end this invocation after this many steps (time-boxed jobs); resume later
     final_eval: bool = True  # evaluate on the whole val split at the end
     eval_window: int | None = None  # window of the final evaluation (default: block_size)
 
@@ -121,10 +122,102 @@ class OptimConfig:
     decay_embeddings: bool = True
 
 
+@dataclass
+class DataConfig:
+    """Where the corpus comes from, how it is tokenized and split. Prepared once into <data_dir>/<name>/."""
+
+    name: str = "python_stdlib"  # folder under data_dir that holds train.bin, val.bin, meta.json
+    # python_stdlib: this interpreter's standard library; files: data.path; url: data.url (data.path, when
+    # set, is a local copy used instead); hub: a Hugging Face hub dataset.
+    source: str = "python_stdlib"
+    path: str | None = None  # a file, folder or glob of .txt/.jsonl/.json/.parquet files
+    url: str | None = None
+    hub_name: str | None = None  # e.g. roneneldan/TinyStories
+    hub_subset: str | None = None
+    hub_split: str = "train"
+    text_field: str = "text"  # the column holding the text (jsonl, parquet, hub)
+    streaming: bool = False  # hub: stream instead of downloading the whole dataset first
+    max_tokens: int | None = None  # stop after this many tokens (streamed corpora)
+    tokenizer: str = "char"  # char | bytes | tiktoken
+    encoding: str = "gpt2"  # tiktoken: an encoding name or a local .tiktoken file
+    val_fraction: float = 0.1
+    # auto: by document when there are several (val is text the model never saw), else by position
+    split: str = "auto"  # auto | document | position
+    num_proc: int = 1  # processes for tokenization (Dataset.map)
+    dtype: str = "auto"  # token file dtype: auto (uint16 when the vocabulary fits, else uint32) | uint16 | uint32
+    on_bad_utf8: str = "error"  # error | replace (with U+FFFD, and a warning)
+
+
+@dataclass
+class RunConfig:
+    """Everything `train.py` reads: the model, the data, the loop and the optimizer."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data_dir: str = "data"  # prepared datasets live in <data_dir>/<data.name>/
+
+
+@dataclass
+class PrepareConfig:
+    """What `python -m gptmini.data` reads."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    data_dir: str = "data"
+    force: bool = False  # prepare again even when the prepared data is up to date
+
+
+@dataclass
+class ModelOverride:
+    """Run a checkpoint with another weight-compatible attention variant (`model/attention=mha`)."""
+
+    attention: AttentionConfig | None = None
+
+
+@dataclass
+class GenerateConfig:
+    """Everything `generate.py` reads."""
+
+    ckpt: str = "???"  # a run directory (its best checkpoint, else its last) or a checkpoint file
+    prompt: str = "\n"
+    prompt_file: str | None = None
+    num_samples: int = 1
+    max_new_tokens: int = 300
+    temperature: float = 0.8  # 0 is greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 1337
+    stop: str | None = None  # stop at this string; end-of-text always stops
+    device: str = "auto"
+    dtype: str = "float32"
+    compile: bool = False
+    kv_cache: bool = True
+    out: str | None = None  # also write the samples to this file
+    model: ModelOverride = field(default_factory=ModelOverride)
+    attention_map: str | None = None  # write the prompt's attention weights as a PNG grid here
+    attention_tb: str | None = None  # ... and/or as TensorBoard images into this directory
+    attention_layers: list[int] | None = None
+    attention_heads: list[int] | None = None
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be a positive integer")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples} must be >= 1")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent; only entry points and tests call it)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="model/attention", name="schema", node=AttentionConfig)
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)

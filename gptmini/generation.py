@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -15,54 +14,11 @@ import torch
 
 from gptmini.attention import WEIGHT_COMPATIBLE
 from gptmini.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
-from gptmini.config import AttentionConfig, ModelConfig
+from gptmini.config import AttentionConfig, GenerateConfig, ModelConfig
 from gptmini.device import autocast, resolve_device, resolve_dtype
 from gptmini.model import GPT
 from gptmini.sampling import generate_stream
 from gptmini.tokenizer import Tokenizer, tokenizer_from_spec
-
-
-@dataclass
-class ModelOverride:
-    """Run the checkpoint with another weight-compatible attention variant (`model/attention=mha`)."""
-
-    attention: AttentionConfig | None = None
-
-
-@dataclass
-class GenerateConfig:
-    ckpt: str = "???"  # a run directory (its best checkpoint, else its last) or a checkpoint file
-    prompt: str = "\n"
-    prompt_file: str | None = None
-    num_samples: int = 1
-    max_new_tokens: int = 300
-    temperature: float = 0.8  # 0 is greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 1337
-    stop: str | None = None  # stop at this string; end-of-text always stops
-    device: str = "auto"
-    dtype: str = "float32"
-    compile: bool = False
-    kv_cache: bool = True
-    out: str | None = None  # also write the samples to this file
-    model: ModelOverride = field(default_factory=ModelOverride)
-    attention_map: str | None = None  # write the prompt's attention weights as a PNG grid here
-    attention_tb: str | None = None  # ... and/or as TensorBoard images into this directory
-    attention_layers: list[int] | None = None
-    attention_heads: list[int] | None = None
-
-    def validate(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be a positive integer")
-        if self.num_samples < 1 or self.max_new_tokens < 0:
-            raise ValueError(
-                f"num_samples={self.num_samples} must be >= 1 and max_new_tokens={self.max_new_tokens} >= 0"
-            )
 
 
 def load_for_inference(

@@ -279,8 +279,9 @@ def _train(cfg: RunConfig, run_dir: Path, log, tb: TensorBoard) -> TrainResult:
     tokens_per_step = t.batch_size * t.grad_accum * model_cfg.block_size
     progress = _progress(step, t.max_iters)
     last_time, last_step = time.perf_counter(), step
+    stop_step = min(t.max_iters, step + t.stop_after) if t.stop_after else t.max_iters
     with stop_on_signals() as stop, _profiler(t.profile, run_dir) as prof:
-        while step < t.max_iters:
+        while step < stop_step:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -328,10 +329,11 @@ def _train(cfg: RunConfig, run_dir: Path, log, tb: TensorBoard) -> TrainResult:
                 evaluate_and_log()
             if t.attn_interval > 0 and (step % t.attn_interval == 0 or step == t.max_iters):
                 log_attention()
+            stop["stop"] |= step == stop_step < t.max_iters
             if stop["stop"] or step % t.ckpt_interval == 0 or step == t.max_iters:
                 save_checkpoint(checkpoint_state(), ckpt_dir / "last.pt")
             if stop["stop"]:
-                log.info(f"interrupted: saved {ckpt_dir / 'last.pt'} at step {step}")
+                log.info(f"stopped early: saved {ckpt_dir / 'last.pt'} at step {step}; run again to resume")
                 break
     progress.close()
 
