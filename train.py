@@ -7,11 +7,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gptmini.cli import run_reporting_errors, to_dataclass
+from gptmini.cli import prepare_train_launch, run_reporting_errors, to_dataclass
 from gptmini.config import register_configs
 from gptmini.trainer import train
 
 register_configs()
+prepare_train_launch()  # under torchrun: one run directory for all ranks
 
 
 @hydra.main(config_path="configs", config_name="train", version_base=None)

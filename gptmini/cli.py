@@ -53,3 +53,20 @@ def hydra_main(config_name: str, fn: Callable[[Any], Any]) -> None:
         run_reporting_errors(lambda: fn(to_dataclass(cfg)))
 
     main()
+
+
+def prepare_train_launch() -> None:
+    """Make every torchrun rank agree on one run directory before Hydra creates it.
+
+    The default run directory is stamped with the start time (`${run_stamp:}` in configs/train.yaml); rank 0's
+    stamp is broadcast so all ranks resolve the same path, and only rank 0 lets Hydra write its `.hydra/` files.
+    """
+    import datetime
+
+    from gptmini.distributed import broadcast, init_process_group
+
+    env = init_process_group()
+    stamp = broadcast(datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), env)
+    OmegaConf.register_new_resolver("run_stamp", lambda: stamp, replace=True)
+    if not env.is_main:
+        sys.argv.append("hydra.output_subdir=null")

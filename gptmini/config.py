@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 POS_ENCODINGS = ("learned", "rope")
+MLP_KINDS = ("gelu", "relu2")
 
 
 @dataclass
@@ -37,6 +38,11 @@ class ModelConfig:
     pos_encoding: str = "learned"  # "learned" (GPT-2) or "rope"
     rope_base: float = 10000.0
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    # Modern-recipe options; the defaults keep GPT-2.
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (no parameters) before the dot product
+    mlp: str = "gelu"  # gelu (GPT-2) | relu2: relu(x)^2
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero (each block starts as identity)
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap), so |logits| < cap
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +84,10 @@ class ModelConfig:
         window = self.attention.window
         if window is not None and window <= 0:
             raise ValueError(f"model.attention.window={window} must be a positive integer")
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"model.mlp={self.mlp!r} is unknown; valid: {', '.join(MLP_KINDS)}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"model.logit_softcap={self.logit_softcap} must be a positive number or null (off)")
 
 
 @dataclass
@@ -102,12 +112,16 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     profile: bool = False  # trace a few steps with torch.profiler into <run dir>/profile
+    strategy: str = "auto"  # under torchrun: auto (DDP when world size > 1) | ddp | fsdp (FSDP2, sharded)
+    dist_timeout_s: float = 600.0  # a rank that stops answering fails the job after this long, not a hang
     sample_tokens: int = 200  # length of the text sample logged at each evaluation (0: none)
     probe_tokens: int = 48  # length of the val-split text whose attention maps are drawn
     max_bad_steps: int = 20  # consecutive non-finite steps skipped before training stops
     stop_after: int | None = None  # end this invocation after this many steps (time-boxed jobs); resume later
     final_eval: bool = True  # evaluate on the whole val split at the end
     eval_window: int | None = None  # window of the final evaluation (default: block_size)
+    lr_schedule: str = "cosine"  # cosine | wsd: warm-up, stable at train.lr, linear decay over the last decay_frac
+    decay_frac: float = 0.2  # wsd: fraction of max_iters spent decaying to lr * min_lr_ratio
 
 
 @dataclass
@@ -120,6 +134,14 @@ class OptimConfig:
     eps: float = 1e-8
     # The token embedding is also the (tied) output head; GPT-2 and nanoGPT decay it like any matrix.
     decay_embeddings: bool = True
+    # adamw: AdamW for everything. muon: Muon (momentum, then Newton-Schulz orthogonalisation) for the 2-D weight
+    # matrices inside the blocks; AdamW (at train.lr) for embeddings, head, biases and norm gains.
+    name: str = "adamw"
+    muon_lr: float = 0.02  # peak learning rate of the Muon matrices (follows the same schedule as train.lr)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per update
+    muon_weight_decay: float = 0.0  # decoupled, lr-scaled, like AdamW's
 
 
 @dataclass

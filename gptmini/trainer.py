@@ -7,6 +7,7 @@ Everything a run produces goes under `run_dir`: config.yaml, train.log, checkpoi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 import signal
@@ -25,6 +26,17 @@ from gptmini import data as data_lib
 from gptmini.checkpoint import load_checkpoint, save_checkpoint
 from gptmini.config import ModelConfig, RunConfig
 from gptmini.device import autocast, describe, flops_per_token, mfu, peak_flops, resolve_device, resolve_dtype
+from gptmini.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    barrier,
+    broadcast,
+    gather,
+    grad_sync,
+    init_process_group,
+    resolve_strategy,
+    wrap_model,
+)
 from gptmini.logging import TensorBoard, close_logger, setup_logger
 from gptmini.model import GPT
 from gptmini.sampling import generate
@@ -170,38 +182,68 @@ def evaluate_split(
 
 
 def train(cfg: RunConfig, run_dir: str | Path) -> TrainResult:
-    """Train (or resume) the run in `run_dir`."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = setup_logger(run_dir)
+    """Train (or resume) the run in `run_dir`. Under torchrun every rank calls this; rank 0 writes.
+
+    Everything that can fail on bad input (device, data, model, resume compatibility) is checked before the
+    first file is written into `run_dir`.
+    """
+    env = init_process_group(cfg.train.dist_timeout_s)
+    run_dir = Path(broadcast(str(run_dir), env))  # rank 0 decides where the run lives
+    setup = _setup(cfg, run_dir, env)
+    log = setup_logger(run_dir) if env.is_main else _quiet_logger()
     tb: TensorBoard | None = None
     try:
-        tb = TensorBoard(run_dir)
-        return _train(cfg, run_dir, log, tb)
+        tb = TensorBoard(run_dir, enabled=env.is_main)
+        for line in setup.notes:
+            log.info(line)
+        return _train(cfg, run_dir, setup, log, tb)
     finally:
         if tb is not None:
             tb.close()
         close_logger(log)
 
 
-def _train(cfg: RunConfig, run_dir: Path, log, tb: TensorBoard) -> TrainResult:
+@dataclass
+class _Setup:
+    """What a run needs before its first step; building it writes nothing into the run directory."""
+
+    env: DistEnv
+    device: torch.device
+    dtype: torch.dtype
+    info: Any
+    tokenizer: Tokenizer
+    model_cfg: ModelConfig
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_data: np.ndarray
+    val_data: np.ndarray
+    sampler: data_lib.BatchSampler
+    resume_state: dict[str, Any] | None
+    strategy: str
+    notes: list[str]
+
+
+def _setup(cfg: RunConfig, run_dir: Path, env: DistEnv) -> _Setup:
     t = cfg.train
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
+    strategy = resolve_strategy(t.strategy, env)
     device = resolve_device(t.device)
+    if device.type == "cuda" and env.enabled:
+        device = torch.device("cuda", env.local_rank)
     dtype = resolve_dtype(t.dtype, device)
     info = describe(device)
-    log.info(f"device: {info.backend}; dtype: {str(dtype).removeprefix('torch.')}")
+    notes = [f"device: {info.backend}; dtype: {str(dtype).removeprefix('torch.')}"]
+    if env.enabled:
+        notes.append(f"distributed: {env.world_size} processes, strategy {strategy}")
 
-    prepared = data_lib.prepare(cfg.data, cfg.data_dir)
+    # One process per machine prepares the data; the others then find it up to date.
+    if env.local_rank == 0:
+        prepared = data_lib.prepare(cfg.data, cfg.data_dir)
+    barrier(env)
+    if env.local_rank != 0:
+        prepared = data_lib.prepare(cfg.data, cfg.data_dir, log=lambda _: None)
     tokenizer: Tokenizer = prepared.tokenizer
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    model = GPT(model_cfg).to(device)
-    for block in model.blocks:
-        block.attn.check_device(device, training=True)
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     train_data, val_data = prepared.train_tokens(), prepared.val_tokens()
     for split, tokens in (("train", train_data), ("val", val_data)):
         if len(tokens) < model_cfg.block_size + 1:
@@ -209,41 +251,70 @@ def _train(cfg: RunConfig, run_dir: Path, log, tb: TensorBoard) -> TrainResult:
                 f"the {split} split has {len(tokens)} tokens, fewer than model.block_size+1="
                 f"{model_cfg.block_size + 1}; use more data or a smaller model.block_size"
             )
-    sampler = data_lib.BatchSampler(train_data, model_cfg.block_size, t.batch_size, seed=t.seed, device=device)
 
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = GPT(model_cfg).to(device)
+    for block in model.blocks:
+        block.attn.check_device(device, training=True)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    sampler = data_lib.BatchSampler(train_data, model_cfg.block_size, t.batch_size, seed=t.seed, device=device,
+                                    rank=env.rank, world_size=env.world_size)
+
+    resume_state = None
+    resume_from = _resume_path(t.resume, run_dir / "checkpoints")
+    if resume_from is not None:
+        resume_state = broadcast(load_checkpoint(resume_from) if env.is_main else None, env)
+        check_compatible(resume_state, model_cfg, tokenizer.spec())
+        notes.append(f"resumed from {resume_from} at step {resume_state['step']}")
+    return _Setup(env, device, dtype, info, tokenizer, model_cfg, model, optimizer, scaler, train_data, val_data,
+                  sampler, resume_state, strategy, notes)
+
+
+def _train(cfg: RunConfig, run_dir: Path, s: _Setup, log, tb: TensorBoard) -> TrainResult:
+    t, env, device, model, optimizer, scaler, sampler = cfg.train, s.env, s.device, s.model, s.optimizer, \
+        s.scaler, s.sampler
+    model_cfg, tokenizer, train_data, val_data = s.model_cfg, s.tokenizer, s.train_data, s.val_data
     step, best_val, skipped = 0, None, 0
     ckpt_dir = run_dir / "checkpoints"
-    resume_from = _resume_path(t.resume, ckpt_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=device)
-        check_compatible(state, model_cfg, tokenizer.spec())
+    if s.resume_state is not None:
+        state = s.resume_state
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        set_rng_state(rng[env.rank] if env.rank < len(rng) else rng[0])
         step, best_val, skipped = state["step"], state.get("best_val_loss"), state.get("skipped_steps", 0)
-        log.info(f"resumed from {resume_from} at step {step}")
+    else:
+        torch.manual_seed(t.seed + env.rank)  # dropout masks differ between ranks
+        random.seed(t.seed + env.rank)
+        np.random.seed(t.seed + env.rank)
+    wrapped = wrap_model(model, s.strategy, device)
 
     full_config = config_dict(cfg) | {"model": dataclasses.asdict(model_cfg)}
-    (run_dir / "config.yaml").write_text(_to_yaml(full_config))
+    if env.is_main:
+        (run_dir / "config.yaml").write_text(_to_yaml(full_config))
     n_params = model.num_parameters()
     log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={model_cfg.attention.name}")
-    tb.text("system/backend", f"{info.backend}; dtype {dtype}; torch {torch.__version__}", step, code=False)
+    tb.text("system/backend", f"{s.info.backend}; dtype {s.dtype}; torch {torch.__version__}; "
+            f"{env.world_size} process(es)", step, code=False)
     flops_token = flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_embd, model_cfg.block_size)
-    peak = peak_flops(info.name, dtype)
-    ctx = autocast(device, dtype)
-    run_model = torch.compile(model) if t.compile else model
+    peak = peak_flops(s.info.name, s.dtype)
+    ctx = autocast(device, s.dtype)
+    run_model = torch.compile(wrapped) if t.compile else wrapped
     eval_sampler_seed = t.seed + 1_000_003
     probe = torch.as_tensor(np.asarray(val_data[: min(t.probe_tokens, model_cfg.block_size)], dtype=np.int64))
 
     def checkpoint_state() -> dict[str, Any]:
+        """Collective: every rank calls it; the full state is meant for rank 0 to save."""
+        rngs = gather(rng_state(), env)
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "sampler": sampler.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs,
             "step": step,
             "best_val_loss": best_val,
             "skipped_steps": skipped,
@@ -251,19 +322,24 @@ def _train(cfg: RunConfig, run_dir: Path, log, tb: TensorBoard) -> TrainResult:
             "tokenizer": tokenizer.spec(),
         }
 
+    def save(name: str) -> None:
+        state = checkpoint_state()
+        if env.is_main:
+            save_checkpoint(state, ckpt_dir / name)
+
     def evaluate_and_log() -> None:
         nonlocal best_val
         losses = {}
         for split, tokens in (("train", train_data), ("val", val_data)):
-            eval_sampler = data_lib.BatchSampler(
-                tokens, model_cfg.block_size, t.batch_size, seed=eval_sampler_seed, device=device
-            )
-            losses[split] = estimate_loss(run_model, eval_sampler, t.eval_iters, ctx)
+            eval_sampler = data_lib.BatchSampler(tokens, model_cfg.block_size, t.batch_size, seed=eval_sampler_seed,
+                                                 device=device, rank=env.rank, world_size=env.world_size)
+            local = estimate_loss(run_model, eval_sampler, t.eval_iters, ctx)
+            losses[split] = all_reduce_mean(torch.tensor(local, dtype=torch.float64), env).item()
         log.info(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         tb.scalars({"loss/train_eval": losses["train"], "loss/val": losses["val"]}, step)
         if best_val is None or losses["val"] < best_val:
             best_val = losses["val"]
-            save_checkpoint(checkpoint_state(), ckpt_dir / "best.pt")
+            save("best.pt")
         if t.sample_tokens > 0:
             tb.text("sample", _sample(model, tokenizer, probe, t.sample_tokens, t.seed, device), step)
 
@@ -276,25 +352,27 @@ def _train(cfg: RunConfig, run_dir: Path, log, tb: TensorBoard) -> TrainResult:
 
     model.train()
     bad_in_a_row = 0
-    tokens_per_step = t.batch_size * t.grad_accum * model_cfg.block_size
-    progress = _progress(step, t.max_iters)
+    tokens_per_step = t.batch_size * t.grad_accum * model_cfg.block_size * env.world_size
+    progress = _progress(step, t.max_iters, enabled=env.is_main)
     last_time, last_step = time.perf_counter(), step
     stop_step = min(t.max_iters, step + t.stop_after) if t.stop_after else t.max_iters
-    with stop_on_signals() as stop, _profiler(t.profile, run_dir) as prof:
+    with stop_on_signals() as stop, _profiler(t.profile and env.is_main, run_dir) as prof:
         while step < stop_step:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             total = torch.zeros((), device=device)
-            for _ in range(t.grad_accum):
+            for micro in range(t.grad_accum):
                 x, y = sampler.next_batch()
-                with ctx:
+                with grad_sync(wrapped, s.strategy, last=micro == t.grad_accum - 1), ctx:
                     loss = run_model(x, y).loss / t.grad_accum
                 scaler.scale(loss).backward()
                 total += loss.detach()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
-            loss_value, norm_value = total.item(), grad_norm.item()
+            # One number for every rank, so all ranks make the same skip decision.
+            loss_value = all_reduce_mean(total, env).item()
+            norm_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled()):
                 scaler.step(optimizer)
                 scaler.update()
@@ -318,20 +396,22 @@ def _train(cfg: RunConfig, run_dir: Path, log, tb: TensorBoard) -> TrainResult:
                 now = time.perf_counter()
                 tok_s = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
-                util = mfu(tok_s, flops_token, peak)
                 progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
                 tb.scalars(
                     {"loss/train": loss_value, "lr": lr, "grad_norm": norm_value,
-                     "throughput/tokens_per_s": tok_s, "mfu": util},
+                     "throughput/tokens_per_s": tok_s, "throughput/tokens_per_s_per_device": tok_s / env.world_size,
+                     "mfu": mfu(tok_s / env.world_size, flops_token, peak)},
                     step,
                 )
             if t.eval_interval > 0 and (step % t.eval_interval == 0 or step == t.max_iters):
                 evaluate_and_log()
             if t.attn_interval > 0 and (step % t.attn_interval == 0 or step == t.max_iters):
                 log_attention()
+            # A signal may reach only some ranks: every rank stops if any was asked to.
+            stop["stop"] = bool(all_reduce_mean(torch.tensor(float(stop["stop"])), env).item() > 0)
             stop["stop"] |= step == stop_step < t.max_iters
             if stop["stop"] or step % t.ckpt_interval == 0 or step == t.max_iters:
-                save_checkpoint(checkpoint_state(), ckpt_dir / "last.pt")
+                save("last.pt")
             if stop["stop"]:
                 log.info(f"stopped early: saved {ckpt_dir / 'last.pt'} at step {step}; run again to resume")
                 break
@@ -343,6 +423,7 @@ def _train(cfg: RunConfig, run_dir: Path, log, tb: TensorBoard) -> TrainResult:
         final = evaluate_split(model, val_data, window, device, ctx)
         tb.hparams(full_config, {"hparam/final_val_loss": final})
         log.info(f"final val loss {final:.4f} (whole split, window {window})")
+    barrier(env)
     return TrainResult(step=step, final_val_loss=final, best_val_loss=best_val, skipped_steps=skipped,
                        run_dir=run_dir)
 
@@ -368,10 +449,18 @@ def _sample(model: GPT, tokenizer: Tokenizer, probe: Tensor, n: int, seed: int, 
     return tokenizer.decode(out[0].tolist())
 
 
-def _progress(start: int, total: int):
+def _progress(start: int, total: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0,
+                disable=not enabled)
+
+
+def _quiet_logger() -> logging.Logger:
+    """Non-zero ranks log nothing (rank 0 speaks for the job); warnings and errors still reach stderr."""
+    logger = logging.getLogger("gptmini.rank")
+    logger.setLevel(logging.WARNING)
+    return logger
 
 
 @contextmanager

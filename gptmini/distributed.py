@@ -1,0 +1,127 @@
+"""Multi-process training on PyTorch's own engine: torchrun sets the environment, we join its process group.
+
+`python train.py` is one process (world size 1, nothing here does anything). Under
+`torchrun --nproc_per_node=N train.py`, each process reads RANK / WORLD_SIZE / LOCAL_RANK, joins a process group
+(NCCL on CUDA — RCCL on ROCm, same backend name — and gloo for CPU tensors), and wraps the model in DDP or FSDP2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_from_torchrun() -> DistEnv:
+    """What the launcher says about this process (world size 1 without a launcher)."""
+    return DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init_process_group(timeout_s: float = 600.0) -> DistEnv:
+    """Join torchrun's process group once (idempotent). A timeout brings a job with a dead rank down."""
+    env = env_from_torchrun()
+    if env.enabled and not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return env
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's `obj` on every rank (pickled over gloo; only ever objects rank 0 made itself)."""
+    if not env.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not env.enabled:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
+        if value.device.type != "cuda":  # gloo has no AVG
+            value /= env.world_size
+    return value
+
+
+def resolve_strategy(strategy: str, env: DistEnv) -> str:
+    """`auto`: DDP when there is more than one process, else none."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"train.strategy={strategy!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    if not env.enabled:
+        return "none"
+    return "ddp" if strategy == "auto" else strategy
+
+
+def wrap_model(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+    """DDP replicates the model; FSDP2 (`fully_shard`) shards each block, then the rest, across ranks."""
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    return model
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+def grad_sync(model: nn.Module, strategy: str, last: bool):
+    """Gradient accumulation: ranks synchronise gradients only on the last micro-step."""
+    if strategy == "ddp" and not last:
+        return model.no_sync()
+    if strategy == "fsdp":
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
