@@ -125,3 +125,48 @@ def grad_sync(model: nn.Module, strategy: str, last: bool):
     if strategy == "fsdp":
         model.set_requires_gradient_sync(last)
     return contextlib.nullcontext()
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str) -> tuple[dict, dict]:
+    """Model and optimizer state in the single-process layout, whatever the strategy (collective under FSDP).
+
+    So a checkpoint written by N processes resumes on M, and `generate.py` reads it unchanged.
+    """
+    if strategy != "fsdp":
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by parameter name
+    if not by_name:  # with cpu_offload only rank 0 receives the gathered state
+        return model_sd, {}
+    names = [name for group in by_name["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    optim_sd = {
+        "state": {index[name]: value for name, value in by_name["state"].items()},
+        "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in by_name["param_groups"]],
+    }
+    return model_sd, optim_sd
+
+
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], strategy: str
+) -> None:
+    """The inverse of `full_state_dicts` for the optimizer (every rank holds the full state)."""
+    if strategy != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {
+        "state": {names[i]: value for i, value in state["state"].items()},
+        "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

@@ -111,3 +111,30 @@ def test_ddp_resume_is_exact_and_loss_goes_down(tmp_path, corpus):
     tokens_per_s = acc.Scalars("throughput/tokens_per_s")[-1].value
     per_device = acc.Scalars("throughput/tokens_per_s_per_device")[-1].value
     assert tokens_per_s == pytest.approx(2 * per_device)
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_checkpoints_move_between_them(tmp_path, corpus):
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    launch(1, one, corpus, "train.batch_size=8", "train.max_iters=6", cwd=tmp_path)
+    result = launch(2, two, corpus, "train.batch_size=4", "train.max_iters=6", "train.strategy=fsdp", cwd=tmp_path)
+    assert "strategy fsdp" in result.stderr
+    # The FSDP checkpoint is gathered into the single-process layout: plain tensors, optimizer keyed by index.
+    state = load_checkpoint(two / "checkpoints" / "last.pt")
+    reference = load_checkpoint(one / "checkpoints" / "last.pt")
+    assert state["optimizer"]["param_groups"][0]["params"] == reference["optimizer"]["param_groups"][0]["params"]
+    for key in reference["model"]:
+        torch.testing.assert_close(state["model"][key], reference["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+    for i, moments in reference["optimizer"]["state"].items():
+        torch.testing.assert_close(state["optimizer"]["state"][i]["exp_avg"], moments["exp_avg"], rtol=1e-4,
+                                   atol=1e-6)
+
+    # A single-process checkpoint continues under FSDP and ends where the single process ends.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / "checkpoints" / "last.pt").write_bytes((one / "checkpoints" / "last.pt").read_bytes())
+    launch(2, resumed, corpus, "train.batch_size=4", "train.max_iters=12", "train.strategy=fsdp", cwd=tmp_path)
+    launch(1, one, corpus, "train.batch_size=8", "train.max_iters=12", cwd=tmp_path)
+    a, b = weights(one), weights(resumed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
