@@ -29,15 +29,27 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     Temporary file in the same directory, fsync, atomic rename, fsync of the directory.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot create {str(path.parent)!r} for checkpoints: {err.strerror}") from None
     payload = {"format": FORMAT, "version": VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CheckpointError(f"cannot write a checkpoint into {str(path.parent)!r}: {err.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # disk full, quota, read-only: the previous checkpoint stays as it was
+        Path(tmp).unlink(missing_ok=True)
+        reason = err.strerror or str(err)
+        raise CheckpointError(
+            f"could not save {str(path)!r} ({reason}); the previous checkpoint there is intact"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

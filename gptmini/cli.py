@@ -59,7 +59,7 @@ def prepare_train_launch() -> None:
     """Make every torchrun rank agree on one run directory before Hydra creates it.
 
     The default run directory is stamped with the start time (`${run_stamp:}` in configs/train.yaml); rank 0's
-    stamp is broadcast so all ranks resolve the same path, and only rank 0 lets Hydra write its `.hydra/` files.
+    stamp is broadcast so all ranks resolve the same path.
     """
     import datetime
 
@@ -68,5 +68,3 @@ def prepare_train_launch() -> None:
     env = init_process_group()
     stamp = broadcast(datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), env)
     OmegaConf.register_new_resolver("run_stamp", lambda: stamp, replace=True)
-    if not env.is_main:
-        sys.argv.append("hydra.output_subdir=null")

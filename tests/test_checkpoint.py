@@ -23,10 +23,10 @@ def test_interrupted_save_leaves_previous_file(tmp_path, monkeypatch):
     save_checkpoint({"step": 1}, path)
 
     def crash(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device (disk full)")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full.*previous checkpoint there is intact"):
         save_checkpoint({"step": 2}, path)
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

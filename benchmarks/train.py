@@ -1,0 +1,137 @@
+"""Benchmark the training step: tokens/s and MFU per model size and attention variant, side by side.
+
+    python benchmarks/train.py                       # default and baby models, mha vs sdpa, on the device found
+    python benchmarks/train.py --models default --variants mha sdpa flex --no-write
+
+One training step = forward, backward, gradient clipping and the AdamW update, the same calls the trainer makes
+(`gptmini.optim.make_optimizer`, `gptmini.device.autocast`), on random tokens (the data pipeline is not timed).
+Rounds interleave the configurations, so a change in the machine's load hits all of them alike; the figure is
+the median over rounds. MFU uses the peak-FLOPs table of `gptmini.device` (n/a where the device has no entry,
+e.g. CPUs); achieved TFLOP/s is shown either way. On a GPU the GPT-2 124M rows (block 1024, bf16) run eager and
+compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+from _results import machine, write_section  # benchmarks/ is on sys.path when run as a script
+
+from gptmini.config import AttentionConfig, ModelConfig, RunConfig
+from gptmini.device import autocast, describe, flops_per_token, mfu, peak_flops, resolve_dtype
+from gptmini.model import GPT
+from gptmini.optim import make_optimizer
+
+MODELS = {
+    "default": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=223),
+    "baby": ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65),
+    "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+}
+BATCH = {"cpu": {"default": 16, "baby": 8, "gpt2": 1}, "cuda": {"default": 64, "baby": 64, "gpt2": 16}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), help="default: default baby (+ gpt2 on GPU)")
+    p.add_argument("--variants", nargs="+", default=["mha", "sdpa"])
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (default on GPU)")
+    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    return p.parse_args(argv)
+
+
+class Case:
+    """One (model, variant, compiled) configuration with its own model, optimizer and fixed batch."""
+
+    def __init__(self, model_name: str, variant: str, compiled: bool, device: torch.device, dtype: torch.dtype):
+        cfg = dataclasses.replace(MODELS[model_name], attention=AttentionConfig(variant))
+        self.label = (model_name, variant, "compiled" if compiled else "eager")
+        self.batch = BATCH[device.type][model_name]
+        self.tokens = self.batch * cfg.block_size
+        torch.manual_seed(0)
+        self.model = GPT(cfg).to(device).train()
+        self.optimizer = make_optimizer(self.model, RunConfig(model=cfg), device)
+        self.run = torch.compile(self.model) if compiled else self.model
+        self.ctx = lambda: autocast(device, dtype)
+        self.x = torch.randint(cfg.vocab_size, (self.batch, cfg.block_size), device=device)
+        self.y = torch.randint(cfg.vocab_size, (self.batch, cfg.block_size), device=device)
+        self.flops = flops_per_token(self.model.num_parameters(), cfg.n_layer, cfg.n_embd, cfg.block_size)
+        self.device = device
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        with self.ctx():
+            loss = self.run(self.x, self.y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def time(self, steps: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append((time.perf_counter() - start) / steps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    models = args.models or (["default", "baby"] + (["gpt2"] if device.type == "cuda" else []))
+    compiled = [False] + ([True] if args.compile or device.type == "cuda" else [])
+    cases = [Case(m, v, c, device, dtype) for m in models for v in args.variants for c in compiled]
+    for case in cases:
+        for _ in range(args.warmup):
+            case.step()
+    for _ in range(args.rounds):
+        for case in cases:
+            case.time(args.steps)
+
+    peak = peak_flops(describe(device).name, dtype)
+    lines = [
+        "| model | attention | mode | batch x block | ms / step | tokens/s | vs mha | TFLOP/s | MFU |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    base: dict[tuple[str, str], float] = {}
+    for case in cases:
+        per_step = statistics.median(case.times)
+        tok_s = case.tokens / per_step
+        if case.label[1] == "mha":
+            base[(case.label[0], case.label[2])] = tok_s
+        ref = base.get((case.label[0], case.label[2]))
+        util = mfu(tok_s, case.flops, peak)
+        lines.append(
+            f"| {case.label[0]} | {case.label[1]} | {case.label[2]} | {case.batch} x {case.tokens // case.batch} | "
+            f"{per_step * 1e3:.1f} | {tok_s:,.0f} | {'n/a' if ref is None else f'{tok_s / ref:.2f}x'} | "
+            f"{tok_s * case.flops / 1e12:.3f} | {'n/a' if util is None else f'{util:.1%}'} |"
+        )
+    table = "\n".join(lines)
+    dtype_name = str(dtype).removeprefix("torch.")
+    report = (
+        f"## Training step (`benchmarks/train.py`)\n\n{machine()}; {dtype_name}; median of {args.rounds} rounds x "
+        f"{args.steps} steps; forward + backward + clip + AdamW on random tokens.\n"
+        f"Command: `python benchmarks/train.py {shlex.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        f"{table}\n"
+    )
+    print(report)
+    if not args.no_write:
+        write_section("train", report)
+
+
+if __name__ == "__main__":
+    main()
