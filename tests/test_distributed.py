@@ -4,8 +4,10 @@ world sizes, one run directory, rank-aware batches."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +140,43 @@ def test_fsdp_matches_one_process_and_checkpoints_move_between_them(tmp_path, co
     a, b = weights(one), weights(resumed)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def children(pid: int) -> list[int]:
+    """Child process ids, from /proc (no procps needed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+@pytest.mark.slow
+def test_a_crashed_rank_brings_the_job_down_instead_of_hanging(tmp_path, corpus):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           "data=text", f"data.path={corpus}", f"data_dir={corpus.parent / 'data'}", *TINY, "train.batch_size=4",
+           "train.max_iters=1000000", "train.ckpt_interval=5", f"hydra.run.dir={run}"]
+    log = open(tmp_path / "stderr.txt", "w")  # noqa: SIM115  (a file, not a pipe that could fill up and block)
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "checkpoints" / "last.pt").is_file():  # both ranks are in the training loop
+            assert time.monotonic() < deadline and launcher.poll() is None, (tmp_path / "stderr.txt").read_text()
+            time.sleep(0.1)
+        workers = children(launcher.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)  # one rank dies mid-training
+        code = launcher.wait(timeout=120)  # the job must end, not hang on the survivor's next collective
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        log.close()
+    assert code != 0
+    assert "SIGKILL" in (tmp_path / "stderr.txt").read_text()  # the launcher names the failed rank's signal
+    load_checkpoint(run / "checkpoints" / "last.pt")  # and the last checkpoint is whole
