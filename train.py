@@ -3,11 +3,13 @@
 Thin on purpose: Hydra composes the typed config, gptmini.trainer.train does the work in Hydra's run directory.
 """
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gptmini.cli import prepare_train_launch, run_reporting_errors, to_dataclass
+from gptmini.cli import check_overrides, prepare_train_launch, run_reporting_errors, to_dataclass
 from gptmini.config import register_configs
 from gptmini.trainer import train
 
@@ -22,4 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("train", sys.argv[1:])  # a bad override: one line, exit 2, before Hydra starts
     main()
