@@ -3,10 +3,12 @@
 Thin on purpose: Hydra composes the typed config, gptmini.generation.run_generation does the work.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from gptmini.cli import run_reporting_errors, to_dataclass
+from gptmini.cli import check_overrides, run_reporting_errors, to_dataclass
 from gptmini.config import register_configs
 from gptmini.generation import run_generation
 
@@ -19,4 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("generate", sys.argv[1:])  # a bad override: one line, exit 2, before Hydra starts
     main()

@@ -104,7 +104,7 @@ def one_line(message: str) -> str:
     lines = [line.strip() for line in message.split("Config search path")[0].splitlines()]
     text, in_list = "", False
     for line in lines:
-        if not line or line.startswith(("full_key:", "object_type=", "reference_type=")):
+        if not line or line == "^" or line.startswith(("full_key:", "object_type=", "reference_type=")):
             continue
         if not text:
             text = line

@@ -1,0 +1,148 @@
+"""Bad input, end to end: every command run as users run it, with one mistake each.
+
+For every case: a non-zero exit code, exactly one `error:` line on stderr naming the bad value, no traceback,
+and the run directory of an earlier run (which every train.py case points at) left byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from gptmini.cli import one_line
+from gptmini.trainer import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import make_config  # noqa: E402  (the shared tiny-run config)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "train.py")]
+GENERATE = [sys.executable, str(ROOT / "generate.py")]
+DATA = [sys.executable, "-m", "gptmini.data"]
+EVALUATE = [sys.executable, "-m", "gptmini.evaluate"]
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "train.max_iters=2",
+        "train.batch_size=2", "train.eval_interval=0", "train.attn_interval=0", "train.sample_tokens=0",
+        "train.final_eval=false", "train.device=cpu"]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A corpus, an earlier run in `run/` (same tiny model as TINY), and a few broken files."""
+    root = tmp_path_factory.mktemp("bad_input")
+    corpus = root / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 200)
+    (root / "empty.txt").write_text("")
+    (root / "short.txt").write_text("tiny")
+    (root / "other.txt").write_text("0123456789+-*/=()[]{}\n" * 300)  # another char vocabulary
+    run = root / "run"
+    train(make_config(corpus, root / "data", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+                      "model.block_size=16", "train.max_iters=2", "train.final_eval=false"), run)
+    (root / "notes.txt").write_text("not a checkpoint")
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(good[: len(good) // 2])
+    return {"root": root, "corpus": corpus, "run": run}
+
+
+def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
+    """(id, command, a string the error line must contain)."""
+    root, run = w["root"], w["run"]
+
+    def trainer(*args: str, data: str | None = None) -> list[str]:
+        return [*TRAIN, "data=text", f"data.path={data or w['corpus']}", f"data_dir={root / 'data'}",
+                f"hydra.run.dir={run}", *TINY, *args]
+
+    gen = [*GENERATE, f"ckpt={run}", "max_new_tokens=5"]
+    return [
+        ("train: unknown config group", trainer("optimizer=adam"), "optimizer"),
+        ("train: unknown group option", trainer("model=gpt5"), "gpt5"),
+        ("train: unknown key", trainer("train.max_iter=3"), "max_iter"),
+        ("train: wrong type", trainer("train.batch_size=big"), "big"),
+        ("train: negative size", trainer("model.n_layer=-2"), "model.n_layer=-2"),
+        ("train: zero size", trainer("model.n_embd=0"), "model.n_embd=0"),
+        ("train: n_embd not divisible by n_head", trainer("model.n_embd=17"), "model.n_embd=17"),
+        ("train: n_head not divisible by n_kv_head", trainer("model/attention=gqa", "model.attention.n_kv_head=3"),
+         "n_kv_head=3"),
+        ("train: unknown attention variant", trainer("model/attention=linear"), "linear"),
+        ("train: flex training on CPU", trainer("model/attention=flex", "model.dropout=0"), "flex"),
+        ("train: unknown device", trainer("train.device=tpu"), "tpu"),
+        ("train: unknown tokenizer", trainer("data.tokenizer=wordpiece"), "wordpiece"),
+        ("train: missing data", trainer(data=str(root / "missing.txt")), "missing.txt"),
+        ("train: empty data", trainer(data=str(root / "empty.txt")), "empty"),
+        ("train: data shorter than a block", trainer(data=str(root / "short.txt")), "block_size"),
+        ("train: incompatible resume", trainer("model.n_layer=2"), "model.n_layer: checkpoint 1 vs now 2"),
+        ("train: checkpoint for another vocabulary", trainer(data=str(root / "other.txt")), "tokenizer"),
+        ("generate: missing checkpoint", [*GENERATE, f"ckpt={root / 'nope'}"], "nope"),
+        ("generate: not a checkpoint", [*GENERATE, f"ckpt={root / 'notes.txt'}"], "notes.txt"),
+        ("generate: truncated checkpoint", [*GENERATE, f"ckpt={root / 'truncated.pt'}"], "truncated.pt"),
+        ("generate: prompt outside the vocabulary", [*gen, "prompt=QED"], "'Q'"),
+        ("generate: override the grammar cannot read", [*gen, "prompt=Zürich"], "prompt=Zürich"),
+        ("generate: top_p above 1", [*gen, "top_p=1.5"], "top_p=1.5"),
+        ("generate: top_p zero", [*gen, "top_p=0"], "top_p=0"),
+        ("generate: negative temperature", [*gen, "temperature=-1"], "temperature=-1"),
+        ("generate: top_k zero", [*gen, "top_k=0"], "top_k=0"),
+        ("generate: non weight-compatible variant", [*gen, "model/attention=gqa"], "gqa"),
+        ("data: missing path", [*DATA, "data=text", f"data.path={root / 'absent'}", f"data_dir={root / 'd2'}"],
+         "absent"),
+        ("data: unknown source", [*DATA, "data.source=ftp", f"data_dir={root / 'd2'}"], "ftp"),
+        ("evaluate: missing checkpoint", [*EVALUATE, f"ckpt={root / 'gone'}"], "gone"),
+        ("evaluate: window larger than the model's block", [*EVALUATE, f"ckpt={run}", "eval.window=999"],
+         "eval.window=999"),
+        ("evaluate: data with another vocabulary", [*EVALUATE, f"ckpt={run}", "data=text",
+                                                    f"data.path={root / 'other.txt'}", f"data_dir={root / 'd3'}"],
+         "vocab"),
+    ]
+
+
+def run_case(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_every_bad_input_is_one_clear_line_and_changes_nothing(world):
+    before = snapshot(world["run"])
+    table = cases(world)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda case: run_case(case[1], world["root"]), table))
+    failures = []
+    for (name, _, needle), result in zip(table, results, strict=True):
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        problems = []
+        if result.returncode == 0:
+            problems.append("exit code 0")
+        if len(errors) != 1:
+            problems.append(f"{len(errors)} error lines")
+        elif needle not in errors[0]:
+            problems.append(f"{needle!r} not in {errors[0]!r}")
+        if "Traceback" in result.stderr:
+            problems.append("traceback")
+        if problems:
+            failures.append(f"{name}: {', '.join(problems)}\n{result.stderr[-1500:]}")
+    assert not failures, "\n\n".join(failures)
+    assert snapshot(world["run"]) == before  # no file of the earlier run changed
+    assert {p.name for p in world["root"].iterdir() if p.is_dir()} <= {"d2", "d3", "data", "run"}  # no stray runs
+
+
+@pytest.mark.slow
+def test_full_error_shows_the_traceback(world):
+    """HYDRA_FULL_ERROR=1 is the documented way to see where an error came from."""
+    result = subprocess.run([*TRAIN, "model.n_layer=-2", f"hydra.run.dir={world['run']}"], cwd=world["root"],
+                            env=os.environ | {"HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "model.n_layer=-2" in result.stderr
+
+
+def test_hydra_messages_are_condensed_to_one_line():
+    message = ("In 'train': Could not find 'model/gpt5'\n\nAvailable options in 'model':\n\tbaby\n\tdefault\n"
+               "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf\n")
+    assert one_line(message) == "In 'train': Could not find 'model/gpt5'. Available options in 'model': baby, default"
+    message = "Could not override 'x'.\nTo append to your config use +x=1\nKey 'x' not in 'RunConfig'\n    full_key: x"
+    assert one_line(message) == "Could not override 'x'. To append to your config use +x=1. Key 'x' not in 'RunConfig'"
