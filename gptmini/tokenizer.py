@@ -6,14 +6,17 @@ checkpoints; `tokenizer_from_spec` rebuilds it, so generation needs nothing but 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 TOKENIZERS = ("char", "bytes", "tiktoken")
-TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
 ENDOFTEXT = "<|endoftext|>"
 
 
@@ -33,6 +36,10 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many documents at once (tiktoken parallelises this internally)."""
         return [self.encode(t) for t in texts]
+
+    def encode_arrays(self, texts: list[str], dtype: np.dtype | str = np.int64) -> list[np.ndarray]:
+        """encode_batch as integer arrays (what the data pipeline writes), without a Python int per token."""
+        return [np.asarray(ids, dtype=dtype) for ids in self.encode_batch(texts)]
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
@@ -54,6 +61,10 @@ class CharTokenizer(Tokenizer):
         self.stoi = {c: i for i, c in enumerate(chars)}
         self.eot_id = len(chars)
         self.vocab_size = len(chars) + 1
+        # For encode_arrays: the code points sorted, and the id of each (the vocabulary may be in any order).
+        codes = _code_points(chars)
+        self._order = np.argsort(codes, kind="stable")
+        self._sorted_codes = codes[self._order]
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -73,6 +84,16 @@ class CharTokenizer(Tokenizer):
                 f"use only characters of the training corpus, or tokenizer=bytes/tiktoken"
             ) from None
 
+    def encode_arrays(self, texts: list[str], dtype: np.dtype | str = np.int64) -> list[np.ndarray]:
+        out = []
+        for text in texts:
+            codes = _code_points(text)  # (N,)
+            pos = np.searchsorted(self._sorted_codes, codes).clip(max=max(len(self.chars) - 1, 0))
+            if len(codes) and (not len(self.chars) or np.any(self._sorted_codes[pos] != codes)):
+                self.encode(text)  # raises the error that lists the unknown characters
+            out.append(self._order[pos].astype(dtype))
+        return out
+
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids if i != self.eot_id)
 
@@ -88,6 +109,9 @@ class ByteTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_arrays(self, texts: list[str], dtype: np.dtype | str = np.int64) -> list[np.ndarray]:
+        return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(dtype) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         # A partial UTF-8 sequence (e.g. mid-stream during generation) shows as U+FFFD instead of failing.
@@ -120,27 +144,20 @@ class TiktokenTokenizer(Tokenizer):
         return {"kind": "tiktoken", "encoding": self.encoding_name}
 
 
+def _code_points(text: str) -> np.ndarray:
+    """The Unicode code points of `text` as a uint32 array (N,); lone surrogates pass through."""
+    return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
+
+
 def _load_tiktoken(encoding: str):
     import tiktoken
 
     if encoding.endswith(".tiktoken") or os.sep in encoding:
-        path = Path(encoding).expanduser()
-        if not path.is_file():
-            raise TokenizerError(f"tiktoken vocabulary file {encoding!r} does not exist")
-        from tiktoken.load import load_tiktoken_bpe
-        from tiktoken_ext.openai_public import r50k_pat_str
-
-        try:
-            ranks = load_tiktoken_bpe(str(path))
-        except Exception as err:  # the file is not in tiktoken's "base64 rank" format
-            raise TokenizerError(f"{encoding!r} is not a .tiktoken vocabulary file ({err})") from None
-        # A local file carries only the merges; GPT-2's pre-tokenisation pattern and <|endoftext|> complete it.
-        return tiktoken.Encoding(
-            name=path.stem, pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)}
-        )
-    if encoding not in tiktoken.list_encoding_names():
+        return _load_tiktoken_file(Path(encoding).expanduser())
+    names = tiktoken.list_encoding_names()
+    if encoding not in names:
         raise TokenizerError(
-            f"tiktoken encoding {encoding!r} is unknown; valid: {', '.join(TIKTOKEN_NAMES)} or a .tiktoken file path"
+            f"tiktoken encoding {encoding!r} is unknown; valid: {', '.join(names)}, or a .tiktoken file path"
         )
     try:
         return tiktoken.get_encoding(encoding)
@@ -148,8 +165,74 @@ def _load_tiktoken(encoding: str):
         raise TokenizerError(
             f"could not load the tiktoken vocabulary {encoding!r} ({type(err).__name__}); it is downloaded on "
             f"first use. Offline: point TIKTOKEN_CACHE_DIR at a tiktoken cache that holds it, or pass a local "
-            f".tiktoken file as the encoding"
+            f".tiktoken file as the encoding (data.encoding=/path/to/{encoding}.tiktoken)"
         ) from None
+
+
+def _load_tiktoken_file(path: Path):
+    """A tiktoken Encoding from a local `.tiktoken` file ("base64-token rank" lines), read without any cache.
+
+    A file with the contents of a published encoding (r50k_base, cl100k_base, ...: checked by its hash) gets
+    that encoding's pre-tokenisation pattern and special tokens, so it tokenizes exactly like the download.
+    Any other file gets GPT-2's pattern and <|endoftext|> as the id after its merges.
+    """
+    import tiktoken
+
+    if not path.is_file():
+        raise TokenizerError(f"tiktoken vocabulary file {str(path)!r} does not exist")
+    raw = path.read_bytes()
+    ranks: dict[bytes, int] = {}
+    try:
+        for line in raw.splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except Exception:  # not tiktoken's format (e.g. GPT-2's vocab.bpe or encoder.json)
+        raise TokenizerError(
+            f"{str(path)!r} is not a .tiktoken vocabulary file (lines of 'base64-token rank'); it begins "
+            f"{raw[:60].splitlines()[0]!r}"
+        ) from None
+    if not ranks:
+        raise TokenizerError(f"{str(path)!r} is an empty .tiktoken vocabulary file")
+    params = _published_encoding(raw, ranks)
+    if params is None:
+        from tiktoken_ext.openai_public import r50k_pat_str
+
+        params = {"pat_str": r50k_pat_str, "special_tokens": {ENDOFTEXT: max(ranks.values()) + 1}}
+    params = {k: v for k, v in params.items() if k not in ("name", "mergeable_ranks")}
+    return tiktoken.Encoding(name=path.stem, mergeable_ranks=ranks, **params)
+
+
+def _published_encoding(raw: bytes, ranks: dict[bytes, int]) -> dict[str, Any] | None:
+    """tiktoken's own definition of the published encoding whose file has exactly the contents `raw`, if any.
+
+    Each definition in `tiktoken_ext.openai_public` loads its file with `load_tiktoken_bpe(url, expected_hash)`;
+    here that loader hands over the local ranks when the hash matches, so nothing is downloaded.
+    """
+    import tiktoken_ext.openai_public as public
+
+    digest = hashlib.sha256(raw).hexdigest()
+
+    class Mismatch(Exception):
+        pass
+
+    def local_ranks(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        if expected_hash != digest:
+            raise Mismatch
+        return ranks
+
+    loader, public.load_tiktoken_bpe = public.load_tiktoken_bpe, local_ranks
+    try:
+        for name, constructor in public.ENCODING_CONSTRUCTORS.items():
+            if name == "gpt2":  # defined from GPT-2's own vocab.bpe/encoder.json files, not a .tiktoken file
+                continue
+            try:
+                return constructor()
+            except Mismatch:
+                continue
+        return None
+    finally:
+        public.load_tiktoken_bpe = loader
 
 
 def build_tokenizer(kind: str, encoding: str = "gpt2", texts: Iterable[str] | None = None) -> Tokenizer:
