@@ -1,6 +1,7 @@
 """Attention weights for a prompt, drawn as a labelled grid of heat maps (rows: layers, columns: heads).
 
-"Who looks at whom, and how much": row i of a heat map is token i's attention over the tokens before it.
+"Who looks at whom, and how much": row i of a heat map is token i's attention over the tokens before it, each
+row scaled to its own maximum (brightest: the token it attends to most); the future, masked, is grey.
 Drawn with Pillow (which TensorBoard's image summaries need anyway), so no plotting library is required.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -20,6 +22,10 @@ CHAR_W, CHAR_H = 6, 11  # Pillow's default bitmap font
 MARGIN = LABEL_CHARS * CHAR_W + 8  # room for the labels on the left and on top
 TITLE_H = CHAR_H + 6
 GAP = 10
+MIN_TOKEN_PX = CHAR_H + 1  # each token gets at least a label's height, so no two labels overlap
+MIN_CELL_PX = 256  # short prompts still get a heat map this large
+MAX_PIXELS = 80_000_000  # about 240 MB of RGB: refuse larger grids rather than exhaust memory
+MASKED = (224, 224, 224)  # future positions, which causal attention never sees
 
 
 def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
@@ -32,12 +38,15 @@ def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
 
 
 def select(n: int, chosen: list[int] | None, what: str) -> list[int]:
+    """The layer or head indices to draw: all of them by default, else `chosen`, each checked."""
     if chosen is None:
         return list(range(n))
+    chosen = list(chosen)
     bad = [c for c in chosen if not 0 <= c < n]
-    if bad:
-        raise ValueError(f"attention_{what}={bad} out of range; valid: 0..{n - 1}")
-    return list(chosen)
+    if bad or not chosen:
+        raise ValueError(f"attention_{what}={chosen} {'selects nothing' if not chosen else 'is out of range'}; "
+                         f"valid: indices 0..{n - 1}")
+    return chosen
 
 
 def grid_size(n_layers: int, n_heads: int, cell: int) -> tuple[int, int]:
@@ -48,7 +57,8 @@ def grid_size(n_layers: int, n_heads: int, cell: int) -> tuple[int, int]:
 
 
 def cell_size(n_tokens: int) -> int:
-    scale = max(4, -(-256 // n_tokens))  # at least 256 px per map and 4 px per token
+    """Side in pixels of one heat map: a whole number of pixels per token, enough for a label, >= MIN_CELL_PX."""
+    scale = max(MIN_TOKEN_PX, -(-MIN_CELL_PX // n_tokens))
     return n_tokens * scale
 
 
@@ -59,7 +69,15 @@ def render_grid(
     T = len(labels)
     cell = cell_size(T)
     step = cell // T
-    img = Image.new("RGB", grid_size(len(layers), len(heads), cell), "white")
+    size = grid_size(len(layers), len(heads), cell)
+    if size[0] * size[1] > MAX_PIXELS:
+        raise ValueError(
+            f"the attention map of {T} tokens x {len(layers)} layers x {len(heads)} heads would be "
+            f"{size[0]}x{size[1]} pixels; use a shorter prompt or choose attention_layers=[...] / attention_heads=[...]"
+        )
+    img = Image.new("RGB", size, "white")
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)  # (T, T) keys after the query
+    future = future.repeat_interleave(step, 0).repeat_interleave(step, 1)  # (cell, cell)
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     for r, layer in enumerate(layers):
@@ -67,7 +85,9 @@ def render_grid(
         for c, head in enumerate(heads):
             left = MARGIN + c * (cell + GAP)
             rgb = heatmap(weights[layer][head], min_size=cell)  # (3, cell, cell)
-            tile = (rgb.permute(1, 2, 0) * 255).round().byte().numpy()
+            tile = (rgb.permute(1, 2, 0) * 255).round().byte()  # (cell, cell, 3)
+            tile[future] = torch.tensor(MASKED, dtype=torch.uint8)
+            tile = tile.numpy()
             img.paste(Image.fromarray(tile), (left, top + TITLE_H))
             draw.text((left, top), f"layer {layer} head {head}", fill="black", font=font)
         # Query tokens down the left of each row.
@@ -95,17 +115,28 @@ def save_prompt_attention(
     layers: list[int] | None = None,
     heads: list[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Forward idx (1, T), then write the attention grid as a PNG and/or TensorBoard images."""
+    """Forward idx (1, T), then write the attention grid as a PNG and/or to TensorBoard; return the weights.
+
+    A prompt longer than `block_size` is cut to its last `block_size` tokens, the context the model sees.
+    TensorBoard gets the labelled grid (`attn/prompt`), one heat map per chosen layer and head
+    (`attn/layer{l}/head{h}`, real indices) and the prompt's tokens as text (`attn/tokens`).
+    """
+    layers = select(model.config.n_layer, layers, "layers")
+    heads = select(model.config.n_head, heads, "heads")
+    idx = idx[:1, -model.config.block_size :]  # (1, T)
     out = model(idx, return_weights=True)
     weights = [w[0].float().cpu() for w in out.attentions]  # per layer (H, T, T)
-    layers = select(len(weights), layers, "layers")
-    heads = select(weights[0].size(0), heads, "heads")
+    labels = token_labels(tokenizer, idx[0].tolist())
+    grid = render_grid(weights, labels, layers, heads) if png_path or tb_dir else None
     if png_path:
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-        labels = token_labels(tokenizer, idx[0].tolist())
-        render_grid(weights, labels, layers, heads).save(png_path)
+        grid.save(png_path, format="PNG")
     if tb_dir:
         tb = TensorBoard(Path(tb_dir))
-        tb.attention([weights[layer][heads][None] for layer in layers], step=0)
+        tb.writer.add_image("attn/prompt", np.array(grid), 0, dataformats="HWC")
+        for layer in layers:
+            for head in heads:
+                tb.writer.add_image(f"attn/layer{layer}/head{head}", heatmap(weights[layer][head]), 0)
+        tb.text("attn/tokens", " | ".join(labels), 0)
         tb.close()
     return weights

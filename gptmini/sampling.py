@@ -50,14 +50,25 @@ def generate_stream(
     generator: torch.Generator | None = None,
     kv_cache: bool = True,
 ) -> Iterator[Tensor]:
-    """Yield (B, 1) new tokens one at a time, continuing idx (B, T).
+    """Yield (B, 1) new tokens one at a time, continuing idx (B, T) (all rows as one batch).
 
-    Past `block_size` the context slides: the cache is rebuilt from the last `block_size` tokens (learned
-    positions cannot be shifted in place), so cached and uncached decoding agree everywhere.
+    Each token is predicted from at most the last `block_size` tokens, with or without the cache. With the
+    cache, the prompt is prefilled in one pass and each new token costs one single-position forward, until the
+    context fills `block_size`. From then on the window slides by one token per step and no cached key or value
+    stays valid: with learned positions every token's position embedding changes, and in a multi-layer model
+    (RoPE too) the hidden states of the tokens that attended to the one that just left change with it. So the
+    window is recomputed in one pass per token, exactly as without the cache: cached and uncached decoding
+    agree everywhere, and the cache saves work within the first `block_size` tokens only.
     """
+    if max_new_tokens <= 0:
+        return
     block = model.config.block_size
-    cache = model.make_kv_cache(idx.size(0)) if kv_cache else None
-    context = idx[:, -block:]
+    context = idx[:, -block:]  # (B, <= block)
+    cache = None
+    if kv_cache and context.size(1) < block:
+        kind = idx.device.type  # under autocast, keep keys and values in the dtype they are computed in
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        cache = model.make_kv_cache(idx.size(0), dtype=dtype)
     logits = model(context, kv_cache=cache).logits[:, -1]  # prefill: (B, V)
     for i in range(max_new_tokens):
         token = next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
@@ -65,13 +76,11 @@ def generate_stream(
         if i == max_new_tokens - 1:
             break
         context = torch.cat([context, token], dim=1)[:, -block:]  # (B, <= block)
-        if cache is None:
+        if cache is not None and cache.pos < block:
+            logits = model(token, kv_cache=cache).logits[:, -1]  # one new position
+        else:  # no cache, or the window is full and slides: the whole window in one pass
+            cache = None
             logits = model(context).logits[:, -1]
-        elif cache.pos < block:
-            logits = model(token, kv_cache=cache).logits[:, -1]
-        else:  # the window is full: slide it by one and prefill again
-            cache.reset()
-            logits = model(context, kv_cache=cache).logits[:, -1]
 
 
 def generate(model: GPT, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:

@@ -75,6 +75,24 @@ def test_kv_cache_on_and_off_agree_past_block_size(name):
     assert torch.equal(with_cache, without)
 
 
+@pytest.mark.parametrize("name", ["mha", "sdpa", "gqa", "swa", "wrapper"])
+def test_kv_cache_on_and_off_agree_past_block_size_with_rope(name):
+    model = tiny(name, pos_encoding="rope")
+    idx = torch.tensor([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]])
+    with_cache = generate(model, idx, 20, temperature=0.0, kv_cache=True)
+    assert torch.equal(with_cache, generate(model, idx, 20, temperature=0.0, kv_cache=False))
+
+
+def test_prompt_longer_than_block_size_and_zero_new_tokens():
+    model = tiny()
+    idx = torch.arange(15)[None] % 29  # (1, 15) > block_size 12: only the last 12 are seen
+    with_cache = generate(model, idx, 6, temperature=0.0, kv_cache=True)
+    assert with_cache.shape == (1, 21)
+    assert torch.equal(with_cache, generate(model, idx, 6, temperature=0.0, kv_cache=False))
+    assert torch.equal(with_cache[:, 15:16], model(idx[:, -12:]).logits[:, -1:].argmax(-1))
+    assert torch.equal(generate(model, idx, 0), idx)
+
+
 def test_same_seed_same_tokens():
     model = tiny()
     idx = torch.tensor([[1, 2]])
