@@ -67,8 +67,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    # The weights-only unpickler fails on arbitrary bytes in many ways (KeyError from its memo on a text file,
+    # IndexError, UnicodeDecodeError, ...): any failure to read means "not a readable checkpoint".
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError, KeyError,
+            IndexError, TypeError, AttributeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if not isinstance(err, (pickle.UnpicklingError, RuntimeError, ValueError, OSError)):
+            first_line = f"{type(err).__name__} {first_line}".strip()  # e.g. "KeyError 544502645"
         raise CheckpointError(
             f"{str(path)!r} is not a readable gptmini checkpoint (truncated, corrupted, or holding objects that "
             f"weights_only loading refuses): {first_line}"
