@@ -103,6 +103,12 @@ def apply_rope(x: Tensor, rope: Rope | None) -> Tensor:
     return out.type_as(x)
 
 
+def normalize_heads(x: Tensor) -> Tensor:
+    """QK-norm: each head's query or key vector (..., T, hd) scaled to unit RMS; no learned parameters, so state
+    dicts are unchanged and stay portable between variants."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
 def causal_keep_mask(q_len: int, k_len: int, device: torch.device, window: int | None = None) -> Tensor:
     """Bool (q_len, k_len), True where query i may attend to key j.
 
@@ -184,6 +190,7 @@ class Attention(nn.Module):
         self.block_size = config.block_size
         self.window: int | None = None  # only `swa` limits how far back a query sees
         self.bias = config.bias
+        self.qk_norm = config.qk_norm
         self.attn_dropout = nn.Dropout(config.dropout)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         # What one layer keeps per position in a KVCache: (heads, width). torch_mha caches its inputs instead.
@@ -194,6 +201,10 @@ class Attention(nn.Module):
     def kv_heads(self, config: ModelConfig) -> int:
         """Key/value heads; only `gqa` uses fewer than the query heads."""
         return config.n_head
+
+    def position_qk(self, x: Tensor, rope: Rope | None) -> Tensor:
+        """What happens to queries and keys (..., T, hd) before the dot product: QK-norm (when on), then RoPE."""
+        return apply_rope(normalize_heads(x) if self.qk_norm else x, rope)
 
     # Subclasses whose internal layout differs from the canonical one override these two.
     def _to_canonical(self, sd: dict[str, Tensor], prefix: str) -> None:
@@ -242,7 +253,7 @@ class FusedQKVAttention(Attention):
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([self.n_embd, kv_dim, kv_dim], dim=2)  # (B, T, C), (B, T, C_kv) x2
         q, k, v = split_heads(q, self.n_head), split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = self.position_qk(q, rope), self.position_qk(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         return q, k, v
@@ -278,7 +289,7 @@ class MultiHeadAttention(Attention):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = self.position_qk(q, rope), self.position_qk(k, rope)
         start = 0
         if kv_cache is not None:
             start = kv_cache.pos
@@ -334,8 +345,8 @@ class WrapperAttention(Attention):
         )
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None):
-        qs = [apply_rope(h.query(x), rope) for h in self.heads]  # n_head x (B, T, hd)
-        k = torch.stack([apply_rope(h.key(x), rope) for h in self.heads], dim=1)  # (B, H, T, hd)
+        qs = [self.position_qk(h.query(x), rope) for h in self.heads]  # n_head x (B, T, hd)
+        k = torch.stack([self.position_qk(h.key(x), rope) for h in self.heads], dim=1)  # (B, H, T, hd)
         v = torch.stack([h.value(x) for h in self.heads], dim=1)  # (B, H, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, H, Tk, hd)
@@ -396,7 +407,7 @@ class EinsumAttention(MultiHeadAttention):
             return out if layer.bias is None else out + layer.bias.view(1, H, 1, hd)
 
         q, k, v = project(self.q_proj), project(self.k_proj), project(self.v_proj)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = self.position_qk(q, rope), self.position_qk(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         keep = self.keep_mask(T, k.size(2), x.device)
@@ -473,6 +484,11 @@ class TorchMultiheadAttention(Attention):
             raise ValueError(
                 "attention variant 'torch_mha' cannot apply RoPE (nn.MultiheadAttention projects Q and K "
                 "internally); use pos_encoding=learned or another variant"
+            )
+        if config.qk_norm:
+            raise ValueError(
+                "attention variant 'torch_mha' cannot apply QK-norm (nn.MultiheadAttention projects Q and K "
+                "internally); use model.qk_norm=false or another variant"
             )
         del self.out_proj  # nn.MultiheadAttention brings its own
         self.mha = nn.MultiheadAttention(

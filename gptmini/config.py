@@ -142,6 +142,7 @@ class OptimConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton-Schulz iterations per update
     muon_weight_decay: float = 0.0  # decoupled, lr-scaled, like AdamW's
+    muon_ns_dtype: str = "auto"  # auto (bfloat16 on GPUs, else float32) | float32 | bfloat16
 
 
 @dataclass
@@ -235,6 +236,27 @@ class GenerateConfig:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
 
 
+@dataclass
+class EvalOptions:
+    """How `python -m gptmini.evaluate` measures a split."""
+
+    split: str = "val"  # val | train
+    window: int | None = None  # tokens per non-overlapping window (default: the model's block_size)
+    batch_size: int = 64  # windows per forward pass
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything `python -m gptmini.evaluate` reads: a checkpoint and the data to measure it on."""
+
+    ckpt: str = "???"  # a run directory (its best checkpoint, else its last) or a checkpoint file
+    data: DataConfig | None = None  # default: the data the checkpoint was trained on
+    data_dir: str | None = None  # default: the checkpoint's data_dir
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent; only entry points and tests call it)."""
     from hydra.core.config_store import ConfigStore
@@ -243,3 +265,4 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)

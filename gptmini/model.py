@@ -30,14 +30,19 @@ class LayerNorm(nn.Module):
 
 
 class MLP(nn.Module):
+    """Two linear maps with GELU (GPT-2) or ReLU² (`model.mlp=relu2`: relu(x)², sparse and cheap) between."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.mlp == "relu2"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        h = self.fc(x)  # (B, T, 4C)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h)
+        return self.dropout(self.proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -93,7 +98,8 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02) everywhere, residual output projections scaled by 1/√(2·n_layer)."""
+        """GPT-2 initialisation: N(0, 0.02) everywhere, residual output projections scaled by 1/√(2·n_layer)
+        (or zero with `model.zero_init_proj`, so every block starts as the identity)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -108,7 +114,10 @@ class GPT(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith(("out_proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=residual_std)
 
     def num_parameters(self) -> int:
         """Unique parameters (the tied head counted once)."""
@@ -166,6 +175,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)  # smooth clamp to (-cap, cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

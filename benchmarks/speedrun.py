@@ -1,0 +1,206 @@
+"""Time-to-quality: run training recipes N times each (different seeds), side by side, and time them end to end.
+
+    python benchmarks/speedrun.py --data-path input.txt                 # speedrun_cpu vs baseline_cpu, 5 seeds
+    python benchmarks/speedrun.py --data-path input.txt --recipes speedrun_cpu --seeds 1 --no-write
+
+Each run is a fresh process, `python train.py experiment=<recipe> train.seed=<seed> ...`, timed from just before
+the process starts to the moment it prints its last line, `final val loss X (whole split, window 64)`: Python
+and torch start-up, Hydra, data loading, the model, every training step, the final checkpoint and the final
+whole-split evaluation all count. The data is prepared once beforehand (not timed). A run reaches the target
+when that loss is <= --target; each saved checkpoint is then re-measured with the evaluation command
+(`python -m gptmini.evaluate ckpt=RUN eval.window=64`), which must print the same loss.
+
+Recipes alternate run by run (seed 1: A, B; seed 2: B, A; ...), so that changes in the machine's load hit
+all recipes alike; the 1-minute load average is recorded before every run. Results go to stdout and to the
+`speedrun` section of benchmarks/RESULTS.md (--no-write: not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from _results import machine, write_section  # benchmarks/ is on sys.path when run as a script
+
+ROOT = Path(__file__).resolve().parents[1]
+FINAL = re.compile(r"final val loss (\d+\.\d+) \(whole split, window (\d+)\)")
+EVALUATED = re.compile(r"val loss (\d+\.\d+), perplexity (\d+\.\d+)")
+
+
+@dataclass
+class Run:
+    recipe: str
+    seed: int
+    seconds: float | None  # process start to the final-evaluation line (None: the run failed)
+    loss: float | None
+    last_line: bool  # the final-evaluation line was the last line the process printed
+    confirmed: float | None  # the evaluation command's loss on the saved checkpoint
+    load: float  # 1-minute load average just before the run
+
+    def reached(self, target: float) -> bool:
+        return self.loss is not None and self.loss <= target
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-path", required=True, help="Tiny Shakespeare text file (data.path)")
+    p.add_argument("--data", default="shakespeare_char", help="data config (default shakespeare_char)")
+    p.add_argument("--data-dir", help="prepared-data folder (default: a temporary one)")
+    p.add_argument("--recipes", nargs="+", default=["speedrun_cpu", "baseline_cpu"], help="experiment configs")
+    p.add_argument("--seeds", type=int, default=5, help="runs per recipe, seeds 1..N")
+    p.add_argument("--target", type=float, default=1.90, help="whole-val loss to reach")
+    p.add_argument("--window", type=int, default=64, help="evaluation window the recipes use")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: torch's choice)")
+    p.add_argument("--override", nargs="*", default=[], help="extra overrides for every run")
+    p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    return p.parse_args(argv)
+
+
+def run_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ, TQDM_DISABLE="1", HYDRA_FULL_ERROR="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def timed_run(cmd: list[str], env: dict[str, str]) -> tuple[float | None, float | None, bool, str]:
+    """Run `cmd`; the seconds until its final-evaluation line, that loss, whether it was last, its output."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = loss = None
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = FINAL.search(line)
+        if match and seconds is None:
+            seconds, loss = time.perf_counter() - start, float(match.group(1))
+        if line.strip():
+            lines.append(line.rstrip())
+    proc.wait()
+    if proc.returncode != 0:
+        return None, None, False, "\n".join(lines[-20:])
+    return seconds, loss, bool(lines) and FINAL.search(lines[-1]) is not None, "\n".join(lines[-20:])
+
+
+def confirm(run_dir: Path, window: int, env: dict[str, str]) -> float | None:
+    """The evaluation command's whole-val loss on the run's saved checkpoint."""
+    cmd = [sys.executable, "-m", "gptmini.evaluate", f"ckpt={run_dir}", f"eval.window={window}", "eval.device=cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    match = EVALUATED.search(done.stdout)
+    return float(match.group(1)) if match else None
+
+
+def spread(xs: list[float], digits: int) -> str:
+    """min / median / max"""
+    if not xs:
+        return "n/a"
+    return " / ".join(f"{v:.{digits}f}" for v in (min(xs), statistics.median(xs), max(xs)))
+
+
+def summarise(runs: list[Run], recipes: list[str], target: float) -> tuple[str, dict[str, float]]:
+    """The markdown summary table, one row per recipe, and each recipe's median time."""
+    rows, medians = [], {}
+    for recipe in recipes:
+        mine = [r for r in runs if r.recipe == recipe]
+        times = [r.seconds for r in mine if r.seconds is not None]
+        hit = [r.seconds for r in mine if r.reached(target)]
+        losses = [r.loss for r in mine if r.loss is not None]
+        missed = [f"seed {r.seed} ({'crashed' if r.loss is None else f'{r.loss:.4f}'})"
+                  for r in mine if not r.reached(target)]
+        if times:
+            medians[recipe] = statistics.median(times)
+        rows.append(f"| `{recipe}` | {len(hit)}/{len(mine)} | {spread(times, 1)} | {spread(hit, 1)} | "
+                    f"{spread(losses, 4)} | {', '.join(missed) or 'none'} |")
+    table = [
+        "| recipe | reached target | s to final line, min / median / max | s, runs that reached it | "
+        "whole-val loss, min / median / max | missed target |",
+        "|---|--:|--:|--:|--:|---|",
+        *rows,
+    ]
+    return "\n".join(table), medians
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    env = run_env(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="speedrun-"))
+    data_dir = Path(args.data_dir) if args.data_dir else work / "data"
+    common = [f"data={args.data}", f"data.path={args.data_path}", f"data_dir={data_dir}", *args.override]
+    prep = [sys.executable, "-m", "gptmini.data", f"data={args.data}", f"data.path={args.data_path}",
+            f"data_dir={data_dir}"]
+    subprocess.run(prep, cwd=ROOT, env=env, check=True, capture_output=True)
+
+    runs: list[Run] = []
+    for seed in range(1, args.seeds + 1):
+        order = args.recipes if seed % 2 else args.recipes[::-1]
+        for recipe in order:
+            run_dir = work / f"{recipe}-seed{seed}"
+            cmd = [sys.executable, "train.py", f"experiment={recipe}", *common, f"train.seed={seed}",
+                   f"hydra.run.dir={run_dir}"]
+            load = os.getloadavg()[0]
+            seconds, loss, last, tail = timed_run(cmd, env)
+            confirmed = confirm(run_dir, args.window, env) if loss is not None else None
+            runs.append(Run(recipe, seed, seconds, loss, last, confirmed, load))
+            status = "crashed:\n" + tail if loss is None else (
+                f"{seconds:6.1f} s  loss {loss:.4f}  evaluate: {confirmed}  last line: {last}  load {load:.2f}")
+            print(f"{recipe:>16} seed {seed}: {status}", flush=True)
+
+    table, medians = summarise(runs, args.recipes, args.target)
+    per_run = ["| recipe | seed | s to final line | whole-val loss | evaluation command | load before |",
+               "|---|--:|--:|--:|--:|--:|"]
+    for r in runs:
+        per_run.append(
+            f"| `{r.recipe}` | {r.seed} | {'n/a' if r.seconds is None else f'{r.seconds:.1f}'} | "
+            f"{'crashed' if r.loss is None else f'{r.loss:.4f}'}{'' if r.reached(args.target) else ' (missed)'} | "
+            f"{'n/a' if r.confirmed is None else f'{r.confirmed:.4f}'} | {r.load:.2f} |"
+        )
+    ratio = ""
+    if len(args.recipes) >= 2 and all(k in medians for k in args.recipes[:2]):
+        a, b = args.recipes[:2]
+        ratio = f"\nMedian time, `{b}` / `{a}`: **{medians[b] / medians[a]:.2f}×**.\n"
+    command = "python benchmarks/speedrun.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    mismatches = [r for r in runs if r.loss is not None and (r.confirmed is None or abs(r.confirmed - r.loss) > 1e-4)]
+    not_last = [r for r in runs if r.loss is not None and not r.last_line]
+    checks = (
+        f"- Evaluation command on every saved checkpoint: "
+        f"{'same loss as the run printed (to 4 decimals) for every run' if not mismatches else 'MISMATCH for ' + ', '.join(f'{m.recipe} seed {m.seed}' for m in mismatches)}.\n"  # noqa: E501
+        f"- The final-evaluation line was the last line printed: "
+        f"{'every run' if not not_last else 'not for ' + ', '.join(f'{m.recipe} seed {m.seed}' for m in not_last)}."
+    )
+    markdown = f"""## Speedrun: time to whole-val loss <= {args.target:.2f} (Tiny Shakespeare, characters)
+
+`{command}` on {machine()}.
+
+- Each run: `python train.py experiment=<recipe> data={args.data} data.path=... train.seed=<seed>`, a fresh
+  process, timed from process start to its final line `final val loss X (whole split, window {args.window})`
+  (start-up, imports, training, final checkpoint and whole-val evaluation included; data prepared beforehand).
+- Whole-val loss: mean cross-entropy over the val split in non-overlapping {args.window}-character windows,
+  every position counted. Target {args.target:.2f}; seeds 1..{args.seeds}; recipes alternate run by run.
+- Threads: {args.threads or 'torch default'}. The machine is shared; the 1-minute load average before each run
+  is listed (2 cores: a load above 2 means other processes competed for them).
+{checks}
+
+{table}
+{ratio}
+<details><summary>Every run</summary>
+
+{chr(10).join(per_run)}
+
+</details>
+"""
+    print("\n" + markdown)
+    if not args.no_write:
+        write_section("speedrun", markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Evaluate a checkpoint on a whole split: `python -m gptmini.evaluate ckpt=RUN_DIR data=... eval.window=64`.
+
+The loss is the mean cross-entropy over the split cut into non-overlapping windows of `eval.window` tokens,
+every position with a next token counted exactly once (`gptmini.data.iter_windows`); each window starts with
+an empty context, so a shorter window gives a higher loss. Training's final evaluation calls `evaluate_split`,
+so the number a run prints at the end and the number this command prints are the same computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptmini import data as data_lib
+from gptmini.checkpoint import find_checkpoint, load_checkpoint
+from gptmini.config import DataConfig, EvaluateConfig
+from gptmini.device import autocast, resolve_device, resolve_dtype
+from gptmini.generation import load_for_inference
+
+SPLITS = ("val", "train")
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    window: int,
+    device: torch.device | str = "cpu",
+    ctx: contextlib.AbstractContextManager | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Mean cross-entropy over the whole split in non-overlapping windows, every position counted once."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in data_lib.iter_windows(tokens, window, batch_size):
+        x, y = x.to(device), y.to(device)  # (b, window) each
+        with ctx if ctx is not None else contextlib.nullcontext():
+            logits = model(x).logits  # (b, window, vocab)
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
+        count += y.numel()
+    model.train(was_training)
+    return total.item() / max(1, count)  # one device sync, at the end
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    positions: int  # target positions scored
+    window: int
+    split: str
+    checkpoint: Path
+
+
+def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> EvalResult:
+    """Load the checkpoint, prepare (or reuse) the data, measure the split, print one line."""
+    opts = cfg.eval
+    if opts.split not in SPLITS:
+        raise ValueError(f"eval.split={opts.split!r} is unknown; valid: {', '.join(SPLITS)}")
+    if opts.batch_size < 1:
+        raise ValueError(f"eval.batch_size={opts.batch_size} must be a positive integer")
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    path = find_checkpoint(cfg.ckpt)
+    model, tokenizer = load_for_inference(path, device)
+    block_size = model.config.block_size
+    window = opts.window if opts.window is not None else block_size
+    if not 1 <= window <= block_size:
+        raise ValueError(f"eval.window={window} must be between 1 and the model's block_size={block_size}")
+
+    data_cfg, data_dir = cfg.data, cfg.data_dir
+    if data_cfg is None or data_dir is None:  # fall back on what the checkpoint was trained with
+        saved = load_checkpoint(path)["config"]
+        if data_cfg is None:
+            known = {f.name for f in dataclasses.fields(DataConfig)}
+            data_cfg = DataConfig(**{k: v for k, v in saved.get("data", {}).items() if k in known})
+        if data_dir is None:
+            data_dir = saved.get("data_dir", "data")
+    prepared = data_lib.prepare(data_cfg, data_dir)
+    if prepared.tokenizer.spec() != tokenizer.spec():
+        raise ValueError(
+            f"data {data_cfg.name!r} in {data_dir!r} is tokenized differently from the checkpoint's tokenizer "
+            f"({tokenizer!r}); evaluate on the data the model was trained with, or data prepared with its tokenizer"
+        )
+    tokens = prepared.val_tokens() if opts.split == "val" else prepared.train_tokens()
+    if len(tokens) < 2:
+        raise ValueError(f"the {opts.split} split of {data_cfg.name!r} has {len(tokens)} tokens; nothing to score")
+    loss = evaluate_split(model, tokens, window, device, autocast(device, dtype), opts.batch_size)
+    result = EvalResult(loss, math.exp(loss), len(tokens) - 1, window, opts.split, path)
+    if stream is not None:
+        stream.write(
+            f"{opts.split} loss {loss:.4f}, perplexity {result.perplexity:.4f} (whole split, window {window}, "
+            f"{result.positions:,} positions; {path})\n"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    from gptmini.cli import hydra_main
+
+    hydra_main("evaluate", run_evaluation)

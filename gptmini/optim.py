@@ -1,0 +1,273 @@
+"""Optimizers and learning-rate schedules.
+
+- `adamw` (GPT-2, nanoGPT): AdamW everywhere, weight decay on weight matrices only.
+- `muon`: Muon for the 2-D weight matrices inside the transformer blocks, AdamW for everything else (embeddings,
+  the tied head, biases, norm gains). Muon keeps a momentum of the gradient and replaces it by the nearest
+  (semi-)orthogonal matrix, computed with a few Newton-Schulz iterations: every direction of the update gets
+  the same size, so rarely-used directions learn as fast as dominant ones.
+- Schedules: linear warm-up, then `cosine` decay (GPT-2) or `wsd` (warm-up, stable, decay): flat at the peak
+  for most of the run and a short linear decay at the end.
+
+Every parameter group carries its peak learning rate as `base_lr`; `set_lr` scales all of them by the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gptmini.config import RunConfig, TrainConfig
+
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+
+# Coefficients (a, b, c) of the quintic Newton-Schulz step x <- a·x + b·(x xᵀ)x + c·(x xᵀ)²x, chosen (by Keller
+# Jordan, for Muon) to push every singular value in (0, 1] quickly into a band around 1, rather than to converge
+# exactly: after 5 steps they lie roughly in [0.7, 1.2], which is all an update direction needs.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def lr_scale(step: int, t: TrainConfig) -> float:
+    """The schedule's multiplier of the peak learning rate at `step` (0-based)."""
+    if t.lr_schedule not in SCHEDULES:
+        raise ValueError(f"train.lr_schedule={t.lr_schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
+    if step < t.warmup_iters:
+        return (step + 1) / t.warmup_iters
+    if t.lr_schedule == "wsd":
+        if not 0.0 <= t.decay_frac <= 1.0:
+            raise ValueError(f"train.decay_frac={t.decay_frac} must be in [0, 1]")
+        decay_start = max(t.warmup_iters, t.max_iters - round(t.decay_frac * t.max_iters))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, t.max_iters - decay_start))
+        return 1.0 - (1.0 - t.min_lr_ratio) * progress
+    progress = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * coeff
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """The learning rate of the AdamW parameters (train.lr times the schedule) at `step`."""
+    return cfg.train.lr * lr_scale(step, cfg.train)
+
+
+def set_lr(optimizer: Any, step: int, cfg: RunConfig) -> float:
+    """Set every group's learning rate for `step` (its `base_lr` times the schedule); return train.lr's."""
+    scale = lr_scale(step, cfg.train)
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("base_lr", cfg.train.lr) * scale
+    return cfg.train.lr * scale
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Muon
+
+
+def ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The Newton-Schulz dtype: `auto` is bfloat16 on GPUs, float32 elsewhere (CPUs with native bf16 dot
+    products, e.g. AVX512-BF16, also gain from `bfloat16`)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"optim.muon_ns_dtype={name!r} is unknown; valid: auto, float32, bfloat16")
+    return getattr(torch, name)
+
+
+def newton_schulz(g: Tensor, steps: int = 5, dtype: torch.dtype | None = None, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise each matrix of g (..., m, n): U·f(S)·Vᵀ with f(s) ≈ 1, where g = U·S·Vᵀ.
+
+    Scaling by the Frobenius norm puts every singular value in (0, 1]; each odd-polynomial step then maps the
+    singular values through p(s) = a·s + b·s³ + c·s⁵ while keeping the singular vectors. The iteration
+    tolerates low precision (bfloat16: about 3 significant digits), since only the direction matters.
+    """
+    a, b, c = NS_COEFFS
+    x = g.to(dtype or g.dtype).reshape(-1, *g.shape[-2:])  # (N, m, n)
+    wide = x.size(-2) <= x.size(-1)
+    if not wide:
+        x = x.mT  # work with the smaller Gram matrix x·xᵀ
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.mT  # (N, m, m)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·gram + c·gram²
+        x = torch.baddbmm(x, poly, x, beta=a)  # a·x + poly·x
+    if not wide:
+        x = x.mT
+    return x.reshape(g.shape).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, orthogonalised: for each 2-D parameter W with gradient G,
+
+        M <- μ·M + G;   U = G + μ·M (Nesterov) or M;   W <- W·(1 - lr·wd) - lr·√max(1, rows/cols)·NS(U)
+
+    A group may set `split` (row counts): the rows of each of its matrices are then separate matrices (the
+    fused query/key/value projection is three). Matrices of one shape are orthogonalised together, batched.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+        ns_dtype: torch.dtype | None = None,
+    ) -> None:
+        if lr < 0 or not 0.0 <= momentum < 1.0 or ns_steps < 1:
+            raise ValueError(
+                f"Muon needs lr >= 0, momentum in [0, 1) and ns_steps >= 1; got lr={lr}, momentum={momentum}, "
+                f"ns_steps={ns_steps}"
+            )
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
+                        split=None)
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype  # None: the parameters' own dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon updates 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            mu = group["momentum"]
+            grads = [p.grad for p in params]
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else [b.clone() for b in bufs]
+            self._orthogonalise(updates, group["split"], group["ns_steps"], self.ns_dtype)
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
+        return loss
+
+    @staticmethod
+    def _orthogonalise(updates: list[Tensor], split: list[int] | None, steps: int, dtype: torch.dtype | None) -> None:
+        """Replace each (piece of an) update in place by its scaled Newton-Schulz orthogonalisation."""
+        # Group the pieces by shape, tall ones transposed (the orthogonalisation commutes with transposing), so
+        # that one batched iteration serves e.g. the MLP's (4C, C) and (C, 4C) matrices together.
+        by_shape: dict[tuple[int, int], list[Tensor]] = defaultdict(list)
+        for u in updates:
+            for piece in (u.split(list(split), dim=0) if split else (u,)):  # views into u
+                by_shape[tuple(sorted(piece.shape))].append(piece)
+        for pieces in by_shape.values():
+            wide = [p if p.size(0) <= p.size(1) else p.mT for p in pieces]  # views
+            ortho = newton_schulz(torch.stack(wide), steps, dtype)  # (N, small, large)
+            for piece, view, o in zip(pieces, wide, ortho, strict=True):
+                view.copy_(o)
+                piece.mul_(math.sqrt(max(1.0, piece.size(0) / piece.size(1))))
+
+
+class MuonWithAdamW:
+    """Muon for the hidden matrices and AdamW for the rest, behind one optimizer interface.
+
+    `param_groups` lists AdamW's groups, then Muon's; `state_dict()` holds both optimizers' states.
+    """
+
+    def __init__(self, adamw: torch.optim.AdamW, muon: Muon) -> None:
+        self.adamw, self.muon = adamw, muon
+        self.optimizers = (adamw, muon)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.adamw.param_groups + self.muon.param_groups
+
+    @property
+    def state(self) -> dict[Tensor, Any]:
+        return {**self.adamw.state, **self.muon.state}
+
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("MuonWithAdamW.step takes no closure")
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"adamw", "muon"}:
+            raise ValueError("the checkpoint's optimizer state is not Muon+AdamW (optim.name=muon); resume with the "
+                             "optim.name it was trained with")
+        self.adamw.load_state_dict(state["adamw"])
+        self.muon.load_state_dict(state["muon"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the optimizer for a model
+
+
+def is_hidden_matrix(name: str, p: Tensor) -> bool:
+    """The parameters Muon updates: 2-D weights inside the transformer blocks (not embeddings or the head)."""
+    return p.dim() == 2 and name.startswith("blocks.")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> Any:
+    """AdamW (optim.name=adamw), or Muon for hidden matrices with AdamW for the rest (optim.name=muon).
+
+    AdamW decays weight matrices only; biases and norm gains never decay.
+    """
+    o = cfg.optim
+    if o.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={o.name!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
+    lr_scale(0, cfg.train)  # a bad schedule name fails here, before any work
+    ns_dtype(o.muon_ns_dtype, device)  # and so does a bad Newton-Schulz dtype
+    use_muon = o.name == "muon"
+    decay, no_decay, hidden, fused_qkv = [], [], [], []
+    for name, p in model.named_parameters():
+        if use_muon and is_hidden_matrix(name, p):
+            if type(p).__name__ == "DTensor":
+                raise ValueError("optim.name=muon cannot orthogonalise sharded (FSDP) matrices; use "
+                                 "train.strategy=ddp or optim.name=adamw")
+            # The canonical fused projection stacks Q, K and V: orthogonalise them as the three maps they are.
+            (fused_qkv if name.endswith(("attn.qkv.weight", "attn.mha.in_proj_weight")) else hidden).append(p)
+            continue
+        is_matrix = p.dim() >= 2
+        is_embedding = name.startswith(("wte.", "wpe."))
+        if is_matrix and (o.decay_embeddings or not is_embedding):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    lr = cfg.train.lr
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay, "base_lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": lr},
+    ]
+    fused = device.type in ("cuda", "cpu")
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+    if not use_muon:
+        return adamw
+    mc = model.config
+    kv = mc.n_kv_head * mc.head_dim
+    muon_groups = [{"params": hidden, "base_lr": o.muon_lr, "split": None},
+                   {"params": fused_qkv, "base_lr": o.muon_lr, "split": [mc.n_embd, kv, kv]}]
+    muon_groups = [g for g in muon_groups if g["params"]]
+    muon = Muon(muon_groups, lr=o.muon_lr, momentum=o.muon_momentum, nesterov=o.muon_nesterov,
+                ns_steps=o.muon_ns_steps, weight_decay=o.muon_weight_decay, ns_dtype=ns_dtype(o.muon_ns_dtype, device))
+    return MuonWithAdamW(adamw, muon)
