@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from gptmini import data as data_lib
+from gptmini.attention import build_attention
 from gptmini.checkpoint import load_checkpoint, save_checkpoint
 from gptmini.config import ModelConfig, RunConfig
 from gptmini.device import autocast, describe, flops_per_token, mfu, peak_flops, resolve_device, resolve_dtype
@@ -31,14 +32,18 @@ from gptmini.distributed import (
     all_reduce_mean,
     barrier,
     broadcast,
+    full_state_dicts,
     gather,
     grad_sync,
     init_process_group,
+    load_optimizer_state,
     resolve_strategy,
     wrap_model,
 )
+from gptmini.evaluate import evaluate_split
 from gptmini.logging import TensorBoard, close_logger, setup_logger
 from gptmini.model import GPT
+from gptmini.optim import lr_at, make_optimizer, set_lr  # noqa: F401  (lr_at: public, re-exported)
 from gptmini.sampling import generate
 from gptmini.tokenizer import Tokenizer
 
@@ -54,36 +59,6 @@ class TrainResult:
     best_val_loss: float | None
     skipped_steps: int
     run_dir: Path
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warm-up to train.lr, then cosine decay to lr * min_lr_ratio at max_iters."""
-    t = cfg.train
-    if step < t.warmup_iters:
-        return t.lr * (step + 1) / t.warmup_iters
-    progress = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * coeff)
-
-
-def make_optimizer(model: GPT, cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with decay on weight matrices only; biases and norm gains never decay."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        is_matrix = p.dim() >= 2
-        is_embedding = name.startswith(("wte.", "wpe."))
-        if is_matrix and (cfg.optim.decay_embeddings or not is_embedding):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        groups, lr=cfg.train.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, fused=fused
-    )
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -161,26 +136,6 @@ def estimate_loss(model: torch.nn.Module, sampler: data_lib.BatchSampler, iters:
     return float(np.mean(losses))
 
 
-@torch.no_grad()
-def evaluate_split(
-    model: GPT, tokens: np.ndarray, window: int, device: torch.device, ctx, batch_size: int = 32
-) -> float:
-    """Mean cross-entropy over the whole split in non-overlapping windows, every position counted once."""
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in data_lib.iter_windows(tokens, window, batch_size):
-        x, y = x.to(device), y.to(device)
-        with ctx:
-            logits = model(x).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum"
-        )
-        total += loss.item()
-        count += y.numel()
-    model.train()
-    return total / max(1, count)
-
-
 def train(cfg: RunConfig, run_dir: str | Path) -> TrainResult:
     """Train (or resume) the run in `run_dir`. Under torchrun every rank calls this; rank 0 writes.
 
@@ -214,6 +169,7 @@ class _Setup:
     tokenizer: Tokenizer
     model_cfg: ModelConfig
     model: GPT
+    wrapped: torch.nn.Module  # what the training step calls: DDP(model), or model itself (FSDP shards it in place)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     train_data: np.ndarray
@@ -236,6 +192,8 @@ def _setup(cfg: RunConfig, run_dir: Path, env: DistEnv) -> _Setup:
     if env.enabled:
         notes.append(f"distributed: {env.world_size} processes, strategy {strategy}")
 
+    build_attention(cfg.model).check_device(device, training=True)  # e.g. flex cannot train on CPU: say so now
+
     # One process per machine prepares the data; the others then find it up to date.
     if env.local_rank == 0:
         prepared = data_lib.prepare(cfg.data, cfg.data_dir)
@@ -256,7 +214,6 @@ def _setup(cfg: RunConfig, run_dir: Path, env: DistEnv) -> _Setup:
     model = GPT(model_cfg).to(device)
     for block in model.blocks:
         block.attn.check_device(device, training=True)
-    optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     sampler = data_lib.BatchSampler(train_data, model_cfg.block_size, t.batch_size, seed=t.seed, device=device,
                                     rank=env.rank, world_size=env.world_size)
@@ -267,8 +224,13 @@ def _setup(cfg: RunConfig, run_dir: Path, env: DistEnv) -> _Setup:
         resume_state = broadcast(load_checkpoint(resume_from) if env.is_main else None, env)
         check_compatible(resume_state, model_cfg, tokenizer.spec())
         notes.append(f"resumed from {resume_from} at step {resume_state['step']}")
-    return _Setup(env, device, dtype, info, tokenizer, model_cfg, model, optimizer, scaler, train_data, val_data,
-                  sampler, resume_state, strategy, notes)
+        model.load_state_dict(resume_state["model"])
+    wrapped = wrap_model(model, strategy, device)  # FSDP shards `model` in place: build the optimizer after
+    optimizer = make_optimizer(model, cfg, device)
+    if resume_state is not None:
+        load_optimizer_state(model, optimizer, resume_state["optimizer"], strategy)
+    return _Setup(env, device, dtype, info, tokenizer, model_cfg, model, wrapped, optimizer, scaler, train_data,
+                  val_data, sampler, resume_state, strategy, notes)
 
 
 def _train(cfg: RunConfig, run_dir: Path, s: _Setup, log, tb: TensorBoard) -> TrainResult:
@@ -279,8 +241,6 @@ def _train(cfg: RunConfig, run_dir: Path, s: _Setup, log, tb: TensorBoard) -> Tr
     ckpt_dir = run_dir / "checkpoints"
     if s.resume_state is not None:
         state = s.resume_state
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         rng = state["rng"]
@@ -290,7 +250,7 @@ def _train(cfg: RunConfig, run_dir: Path, s: _Setup, log, tb: TensorBoard) -> Tr
         torch.manual_seed(t.seed + env.rank)  # dropout masks differ between ranks
         random.seed(t.seed + env.rank)
         np.random.seed(t.seed + env.rank)
-    wrapped = wrap_model(model, s.strategy, device)
+    wrapped = s.wrapped
 
     full_config = config_dict(cfg) | {"model": dataclasses.asdict(model_cfg)}
     if env.is_main:
@@ -309,9 +269,10 @@ def _train(cfg: RunConfig, run_dir: Path, s: _Setup, log, tb: TensorBoard) -> Tr
     def checkpoint_state() -> dict[str, Any]:
         """Collective: every rank calls it; the full state is meant for rank 0 to save."""
         rngs = gather(rng_state(), env)
+        model_sd, optim_sd = full_state_dicts(model, optimizer, s.strategy)
         return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "scaler": scaler.state_dict(),
             "sampler": sampler.state_dict(),
             "rng": rngs,
@@ -358,9 +319,7 @@ def _train(cfg: RunConfig, run_dir: Path, s: _Setup, log, tb: TensorBoard) -> Tr
     stop_step = min(t.max_iters, step + t.stop_after) if t.stop_after else t.max_iters
     with stop_on_signals() as stop, _profiler(t.profile and env.is_main, run_dir) as prof:
         while step < stop_step:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(optimizer, step, cfg)  # every group: its base_lr times the schedule
             total = torch.zeros((), device=device)
             for micro in range(t.grad_accum):
                 x, y = sampler.next_batch()
@@ -370,9 +329,9 @@ def _train(cfg: RunConfig, run_dir: Path, s: _Setup, log, tb: TensorBoard) -> Tr
                 total += loss.detach()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
-            # One number for every rank, so all ranks make the same skip decision.
-            loss_value = all_reduce_mean(total, env).item()
-            norm_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            # One number for every rank, so all ranks make the same skip decision; one device sync for both.
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            loss_value, norm_value = torch.stack([all_reduce_mean(total, env), norm.to(total)]).tolist()
             if math.isfinite(loss_value) and (math.isfinite(norm_value) or scaler.is_enabled()):
                 scaler.step(optimizer)
                 scaler.update()
@@ -429,14 +388,27 @@ def _train(cfg: RunConfig, run_dir: Path, s: _Setup, log, tb: TensorBoard) -> Tr
 
 
 def _resume_path(resume: str, ckpt_dir: Path) -> Path | None:
-    if resume == "never":
-        return None
+    """Which checkpoint to continue from. Never lets a fresh run overwrite another run's checkpoints."""
+    existing = [p for p in (ckpt_dir / "last.pt", ckpt_dir / "best.pt") if p.is_file()]
     if resume == "auto":
         last = ckpt_dir / "last.pt"
+        if not last.is_file() and existing:
+            raise TrainingError(
+                f"{ckpt_dir} holds {existing[0].name} but no last.pt; resume from it with "
+                f"train.resume={existing[0]}, or start afresh in a new hydra.run.dir"
+            )
         return last if last.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise TrainingError(f"train.resume={resume!r}: no such checkpoint file (valid: auto, never, or a path)")
+    if resume == "never":
+        path = None
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise TrainingError(f"train.resume={resume!r}: no such checkpoint file (valid: auto, never, or a path)")
+    if existing and (path is None or path.resolve().parent != ckpt_dir.resolve()):
+        raise TrainingError(
+            f"train.resume={resume}: the run directory already holds another run's checkpoints ({ckpt_dir}), "
+            f"which this run would overwrite; continue it with train.resume=auto, or choose a new hydra.run.dir"
+        )
     return path
 
 
