@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
   (start-up, imports, training, final checkpoint and whole-val evaluation included; data prepared beforehand).
 - Whole-val loss: mean cross-entropy over the val split in non-overlapping {args.window}-character windows,
   every position counted. Target {args.target:.2f}; seeds 1..{args.seeds}; recipes alternate run by run.
-- Threads: {args.threads or 'torch default'}. The machine is shared; the 1-minute load average before each run
-  is listed (2 cores: a load above 2 means other processes competed for them).
+- Threads: {args.threads or 'torch default'}. The machine is shared with other work; the 1-minute load average
+  just before each run is listed (it includes the tail of the benchmark's own previous run, about 2).
 {checks}
 
 {table}
