@@ -17,22 +17,10 @@ import torch
 from gptmini import data as data_lib
 from gptmini.config import DataConfig
 from gptmini.data import BatchSampler, DataError, iter_windows, load_prepared, prepare, stdlib_files
-from gptmini.tokenizer import ByteTokenizer, CharTokenizer, TiktokenTokenizer, TokenizerError, build_tokenizer
+from gptmini.tokenizer import ByteTokenizer, CharTokenizer, TiktokenTokenizer, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken"
 WORDS = "alpha beta gamma délta ε zeta η θ iota kappa λ mu".split()
-
-
-@pytest.fixture
-def tiktoken_cache(monkeypatch) -> None:
-    """The gpt2 vocabulary offline: TIKTOKEN_CACHE_DIR as set, else the shared cache beside the repository."""
-    if not os.environ.get("TIKTOKEN_CACHE_DIR") and SHARED_TIKTOKEN.is_dir():
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
-    try:
-        build_tokenizer("tiktoken", "gpt2")
-    except TokenizerError as err:
-        pytest.skip(f"the gpt2 vocabulary is unavailable offline (no TIKTOKEN_CACHE_DIR holding it): {err}")
 
 
 def text_of(i: int, words: int = 30) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from gptmini.tokenizer import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TIKTOKEN = ROOT.parent / "shared" / "tiktoken"
 
 # Scripts, accents (precomposed and combining), emoji beyond the BMP, control-ish whitespace, CRLF, the special
 # token's text (which must stay plain text), and a zero-width space.
@@ -28,18 +26,6 @@ UNICODE = (
     "Hello, wörld! naïve café — 日本語のテキスト, Ελληνικά, עברית, русский; e\u0301 vs é; "
     "emoji 🐍🚀👩‍💻; tabs\tand\nnew lines\r\n; <|endoftext|> stays text; zero\u200bwidth; ½ ≠ ∞ ∑ 𝔘𝔫𝔦"
 )
-
-
-@pytest.fixture
-def tiktoken_cache(monkeypatch) -> Path:
-    """TIKTOKEN_CACHE_DIR for the gpt2/r50k_base vocabularies: as set, else the shared cache beside the repo."""
-    if not os.environ.get("TIKTOKEN_CACHE_DIR") and SHARED_TIKTOKEN.is_dir():
-        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED_TIKTOKEN))
-    try:
-        build_tokenizer("tiktoken", "gpt2")
-    except TokenizerError as err:
-        pytest.skip(f"the gpt2 vocabulary is unavailable offline (no TIKTOKEN_CACHE_DIR holding it): {err}")
-    return Path(os.environ["TIKTOKEN_CACHE_DIR"])
 
 
 def r50k_file(cache: Path) -> Path:
