@@ -93,7 +93,7 @@ def timed_run(cmd: list[str], env: dict[str, str]) -> tuple[float | None, float 
 
 def confirm(run_dir: Path, window: int, env: dict[str, str]) -> float | None:
     """The evaluation command's whole-val loss on the run's saved checkpoint."""
-    cmd = [sys.executable, "-m", "gptmini.evaluate", f"ckpt={run_dir}", f"eval.window={window}", "eval.device=cpu"]
+    cmd = [sys.executable, "-m", "gptmini.evaluate", f"ckpt={run_dir}", f"eval.window={window}"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     match = EVALUATED.search(done.stdout)
     return float(match.group(1)) if match else None
