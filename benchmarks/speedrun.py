@@ -21,6 +21,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: torch's choice)")
     p.add_argument("--override", nargs="*", default=[], help="extra overrides for every run")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    p.add_argument("--keep-runs", action="store_true", help="keep the run directories (default: deleted at the end)")
     return p.parse_args(argv)
 
 
@@ -200,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + markdown)
     if not args.no_write:
         write_section("speedrun", markdown)
+    if args.keep_runs:
+        print(f"run directories: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
