@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from gptmini.device import cpu_has_native_bf16, describe_cpu
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -27,7 +29,8 @@ def machine() -> str:
             backend = f"CUDA {torch.version.cuda}"
         device = f"{name} ({backend})"
     else:
-        device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+        device = f"CPU {describe_cpu()}, {bf16}, {os.cpu_count()} cores"
     today = datetime.date.today().isoformat()
     return f"{device}; torch {torch.__version__}; Python {platform.python_version()}; {today}"
 

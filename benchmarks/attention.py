@@ -131,7 +131,7 @@ def cross_check(modules: dict[str, Attention], x: torch.Tensor, args: argparse.N
 
 def can_train(module: Attention, device: torch.device) -> bool:
     try:
-        module.check_device(device, training=True)
+        module.check_device(module.config, device, training=True)
     except ValueError:
         return False
     return True

@@ -34,6 +34,7 @@ from _results import machine, write_section  # benchmarks/ is on sys.path when r
 
 from gptmini import data as data_lib
 from gptmini.config import DataConfig
+from gptmini.data import preparation
 from gptmini.tokenizer import build_tokenizer
 
 TOKENIZERS = {  # name in the table: (data.tokenizer, data.encoding)
@@ -58,7 +59,7 @@ def quiet(_: str) -> None:
 
 def time_prepare(cfg: DataConfig) -> tuple[float, float, dict]:
     """Seconds for one fresh preparation, the seconds of its tokenization step within it, and its meta.json."""
-    tokenize = data_lib.tokenize_documents
+    tokenize = preparation.tokenize_documents
     inside: list[float] = []
 
     def timed_tokenize(*args, **kwargs):  # the Dataset.map call prepare() makes (eager for a Dataset)
@@ -67,16 +68,31 @@ def time_prepare(cfg: DataConfig) -> tuple[float, float, dict]:
         inside.append(time.perf_counter() - start)
         return result
 
-    data_lib.tokenize_documents = timed_tokenize  # prepare() looks the function up in the module at call time
+    preparation.tokenize_documents = timed_tokenize  # prepare() looks it up in its own module at call time
     try:
         with tempfile.TemporaryDirectory(prefix="gptmini-bench-data-") as data_dir:
             start = time.perf_counter()
             prepared = data_lib.prepare(cfg, data_dir, log=quiet, force=True)
             seconds = time.perf_counter() - start
     finally:
-        data_lib.tokenize_documents = tokenize
+        preparation.tokenize_documents = tokenize
     assert len(inside) == 1
     return seconds, inside[0], prepared.meta
+
+
+def measure(configs: dict, rounds: int) -> tuple[dict, dict, dict]:
+    """prepare and tokenize seconds per configuration, one list entry per round, and each one's meta.json."""
+    prepare_s: dict = {key: [] for key in configs}
+    tokenize_s: dict = {key: [] for key in configs}
+    metas: dict = {}
+    for round_ in range(rounds):
+        for key, cfg in configs.items():
+            seconds, tokenizing, metas[key] = time_prepare(cfg)
+            prepare_s[key].append(seconds)
+            tokenize_s[key].append(tokenizing)
+            print(f"round {round_ + 1}/{rounds} {key[0]} num_proc={key[1]}: prepare {seconds:.2f} s, "
+                  f"of which tokenize {tokenizing:.2f} s", file=sys.stderr)
+    return prepare_s, tokenize_s, metas
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,31 +114,30 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.num_proc
     }
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other processes share the CPU
-    prepare_s: dict = {key: [] for key in configs}
-    tokenize_s: dict = {key: [] for key in configs}
-    metas: dict = {}
-    for round_ in range(args.rounds):
-        for key, cfg in configs.items():
-            seconds, tokenizing, metas[key] = time_prepare(cfg)
-            prepare_s[key].append(seconds)
-            tokenize_s[key].append(tokenizing)
-            print(f"round {round_ + 1}/{args.rounds} {key[0]} num_proc={key[1]}: prepare {seconds:.2f} s, "
-                  f"of which tokenize {tokenizing:.2f} s", file=sys.stderr)
+    prepare_s, tokenize_s, metas = measure(configs, args.rounds)
+    table = results_table(args, len(files), megabytes, load, prepare_s, tokenize_s, metas)
+    print(table)
+    if not args.no_write:
+        write_section("data", table)
 
+
+def results_table(args: argparse.Namespace, n_files: int, megabytes: float, load: float | None, prepare_s: dict,
+                  tokenize_s: dict, metas: dict) -> str:
+    """The markdown section for RESULTS.md: how it was measured, then one row per configuration (medians)."""
     rows = []
-    for key in configs:
+    for key in prepare_s:
         meta = metas[key]
         tokens = meta["train_tokens"] + meta["val_tokens"]
         p, t = statistics.median(prepare_s[key]), statistics.median(tokenize_s[key])
         share = statistics.median(b / a for a, b in zip(prepare_s[key], tokenize_s[key], strict=True))
         rows.append(f"| {key[0]} | {key[1]} | {meta['vocab_size']:,} | {tokens / 1e6:.2f} M | {p:.2f} | "
                     f"{megabytes / p:.2f} | {t:.2f} | {megabytes / t:.2f} | {share:.0%} |")
-    table = "\n".join([
+    return "\n".join([
         "## Data preparation",
         "",
         f"`{shlex.join(['python', 'benchmarks/data.py', *sys.argv[1:]])}` on {machine()}.",
         "",
-        f"- Corpus: `python_stdlib`, {len(files)} files, {megabytes:.2f} MB of UTF-8 text; a fresh preparation "
+        f"- Corpus: `python_stdlib`, {n_files} files, {megabytes:.2f} MB of UTF-8 text; a fresh preparation "
         f"(`prepare(force=True)`) into an empty temporary data_dir each time; median of {args.rounds} rounds, "
         f"configurations round-robin.",
         *([f"- 1-minute load average at the start: {load:.1f} (other processes on the machine skew the figures)."]
@@ -138,9 +153,6 @@ def main(argv: list[str] | None = None) -> None:
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
         *rows,
     ])
-    print(table)
-    if not args.no_write:
-        write_section("data", table)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,18 @@ model = GPT(ModelConfig(vocab_size=65, attention=AttentionConfig(name="mha")))
 
 from gptmini.attention import (
     ATTENTION_REGISTRY,
-    WEIGHT_COMPATIBLE,
     Attention,
     KVCache,
     build_attention,
     register_attention,
+    weight_compatible_variants,
 )
 from gptmini.config import AttentionConfig, ModelConfig
 from gptmini.model import GPT, GPTOutput
 
 __all__ = [
     "ATTENTION_REGISTRY",
-    "WEIGHT_COMPATIBLE",
+    "weight_compatible_variants",
     "GPT",
     "Attention",
     "AttentionConfig",

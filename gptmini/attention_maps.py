@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from gptmini.logging import TensorBoard, heatmap
+from gptmini.heatmap import heatmap
 from gptmini.model import GPT
+from gptmini.run_log import TensorBoard, attention_tag
 from gptmini.tokenizer import Tokenizer
 
 LABEL_CHARS = 8  # token labels are cut to this many characters
@@ -133,10 +134,12 @@ def save_prompt_attention(
         grid.save(png_path, format="PNG")
     if tb_dir:
         tb = TensorBoard(Path(tb_dir))
-        tb.writer.add_image("attn/prompt", np.array(grid), 0, dataformats="HWC")
-        for layer in layers:
-            for head in heads:
-                tb.writer.add_image(f"attn/layer{layer}/head{head}", heatmap(weights[layer][head]), 0)
-        tb.text("attn/tokens", " | ".join(labels), 0)
-        tb.close()
+        try:
+            tb.image("attn/prompt", np.array(grid), 0, dataformats="HWC")
+            for layer in layers:
+                for head in heads:
+                    tb.image(attention_tag(layer, head), heatmap(weights[layer][head]), 0)
+            tb.text("attn/tokens", " | ".join(labels), 0)
+        finally:
+            tb.close()
     return weights

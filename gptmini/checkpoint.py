@@ -1,26 +1,46 @@
-"""Checkpoints: one self-contained file, written atomically, read without unpickling arbitrary objects.
+"""Checkpoints: the one module that knows their format, how a run directory holds them, and how to read them.
 
-A checkpoint holds only tensors, numbers, strings, lists and dicts, so `torch.load(weights_only=True)` can read
-it: nothing in it is executed or imported. The config is a plain dict, never a pickled object.
+A checkpoint is one self-contained file, written atomically, holding only tensors, numbers, strings, lists and
+dicts, so `torch.load(weights_only=True)` can read it: nothing in it is executed or imported. The config is a
+plain dict, never a pickled object. Keys: `format`, `version`, `model`, `optimizer`, `scaler`, `sampler`, `rng`
+(one entry per rank), `step`, `best_val_loss`, `skipped_steps`, `config` (the whole run config as a dict) and
+`tokenizer` (its spec). A run directory keeps `checkpoints/last.pt` (where training resumes) and
+`checkpoints/best.pt` (lowest validation loss, what generation and evaluation prefer).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import pickle
+import random
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
+
+from gptmini.attention import weight_compatible_variants
+from gptmini.config import AttentionConfig, ModelConfig
+from gptmini.model import GPT
+from gptmini.tokenizer import Tokenizer, tokenizer_from_spec
 
 FORMAT = "gptmini-checkpoint"
 VERSION = 1
 
 
+LAST, BEST = "last.pt", "best.pt"
+
+
 class CheckpointError(ValueError):
-    """A file that is missing, unreadable, or not a gptmini checkpoint."""
+    """A file that is missing, unreadable, or not a gptmini checkpoint, or one that cannot serve the request."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -44,9 +64,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:  # disk full, quota, read-only: the previous checkpoint stays as it was
+    # Disk full, quota, read-only: the previous checkpoint stays as it was. torch.save reports a failed write
+    # inside its zip writer as a RuntimeError ("PytorchStreamWriter failed writing file ..."), not an OSError.
+    except (OSError, RuntimeError) as err:
         Path(tmp).unlink(missing_ok=True)
-        reason = err.strerror or str(err)
+        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
         raise CheckpointError(
             f"could not save {str(path)!r} ({reason}); the previous checkpoint there is intact"
         ) from None
@@ -89,10 +111,160 @@ def find_checkpoint(path: str | Path) -> Path:
     """A run directory means its best checkpoint, else its last; a file means itself."""
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"):
+        for candidate in (checkpoint_dir(path) / BEST, checkpoint_dir(path) / LAST):
             if candidate.is_file():
                 return candidate
         raise CheckpointError(f"run directory {str(path)!r} has no checkpoints/best.pt or checkpoints/last.pt")
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     return path
+
+
+def resume_path(resume: str, ckpt_dir: Path) -> Path | None:
+    """Which checkpoint `train.resume` continues from. Never lets a fresh run overwrite another run's checkpoints."""
+    last = ckpt_dir / LAST
+    existing = [p for p in (last, ckpt_dir / BEST) if p.is_file()]
+    if resume == "auto":
+        if not last.is_file() and existing:
+            raise CheckpointError(
+                f"{ckpt_dir} holds {existing[0].name} but no {LAST}; resume from it with "
+                f"train.resume={existing[0]}, or start afresh in a new hydra.run.dir"
+            )
+        return last if last.is_file() else None
+    path = None if resume == "never" else Path(resume)
+    if path is not None and not path.is_file():
+        raise CheckpointError(f"train.resume={resume!r}: no such checkpoint file (valid: auto, never, or a path)")
+    if existing and (path is None or path.resolve().parent != ckpt_dir.resolve()):
+        raise CheckpointError(
+            f"train.resume={resume}: the run directory already holds another run's checkpoints ({ckpt_dir}), "
+            f"which this run would overwrite; continue it with train.resume=auto, or choose a new hydra.run.dir"
+        )
+    return path
+
+
+def check_compatible(saved: dict[str, Any], model_cfg: ModelConfig, tokenizer_spec: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint whose model or tokenizer differs, naming the fields."""
+    ours = dataclasses.asdict(model_cfg)
+    theirs = saved["config"]["model"]
+    diffs = [
+        f"model.{k}: checkpoint {theirs.get(k)!r} vs now {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]
+    ]
+    if saved.get("tokenizer") != tokenizer_spec:
+        diffs.append("tokenizer: the checkpoint was trained with a different tokenizer/vocabulary")
+    if diffs:
+        raise CheckpointError(
+            "cannot resume: the checkpoint's configuration differs (" + "; ".join(diffs) + "); use the same "
+            "settings, train.resume=never, or a new hydra.run.dir"
+        )
+
+
+def all_finite(*trees: Any) -> bool:
+    """True when every floating-point tensor (and float) in the nested dicts/lists is finite."""
+    stack = list(trees)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, torch.Tensor) and item.is_floating_point():
+            if not bool(torch.isfinite(item).all()):
+                return False
+        elif isinstance(item, float) and not math.isfinite(item):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Random-number state: part of a checkpoint so that a resumed run continues exactly.
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference: a model, its tokenizer and its saved config, from one read of the file.
+
+
+class Loaded(NamedTuple):
+    model: GPT
+    tokenizer: Tokenizer
+    config: dict[str, Any]  # the run config the checkpoint was trained with, as plain data
+    path: Path
+
+
+def load_for_inference(
+    ckpt: str | Path, device: torch.device | str = "cpu", attention: AttentionConfig | None = None
+) -> Loaded:
+    """Rebuild model and tokenizer from a checkpoint (run directory or file), optionally with another attention.
+
+    Only weight-compatible variants can stand in for one another (see gptmini.attention); anything else is
+    refused with a one-line error, as is a checkpoint whose tensors do not fit its own config.
+    """
+    path = find_checkpoint(ckpt)
+    state = load_checkpoint(path)
+    try:
+        config = state["config"]
+        model_cfg = ModelConfig(**config["model"])
+        tokenizer = tokenizer_from_spec(state["tokenizer"])
+        weights = state["model"]
+        if not isinstance(weights, dict):
+            raise TypeError(f"'model' holds a {type(weights).__name__}, not a state dict")
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{str(path)!r} lacks a valid model config, tokenizer or weights ({err})") from None
+    if attention is not None:
+        model_cfg = dataclasses.replace(model_cfg, attention=swap_attention(model_cfg.attention, attention))
+    model = GPT(model_cfg)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).strip().splitlines()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{str(path)!r}: its tensors do not fit its config ({detail})") from None
+    return Loaded(model.to(device).eval(), tokenizer, config, path)
+
+
+def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> AttentionConfig:
+    """The attention config to run with: `wanted` when it can load weights trained with `trained`.
+
+    Settings `wanted` leaves null (the YAML groups do) keep the checkpoint's own values: a model trained with
+    window 4 and run as `model/attention=swa` still sees 4 tokens, unless the user typed model.attention.window.
+    """
+    if wanted.name == trained.name:
+        wanted = dataclasses.replace(
+            wanted,
+            window=trained.window if wanted.window is None else wanted.window,
+            n_kv_head=trained.n_kv_head if wanted.n_kv_head is None else wanted.n_kv_head,
+        )
+        if wanted.n_kv_head != trained.n_kv_head:
+            raise CheckpointError(
+                f"model.attention.n_kv_head={wanted.n_kv_head} does not match the checkpoint's "
+                f"n_kv_head={trained.n_kv_head}; key/value heads are fixed by the weights"
+            )
+        return wanted
+    compatible = weight_compatible_variants()
+    if wanted.name not in compatible or trained.name not in compatible:
+        raise CheckpointError(
+            f"model/attention={wanted.name} cannot run weights trained with {trained.name!r}: only these "
+            f"variants are interchangeable: {', '.join(compatible)}"
+        )
+    return wanted

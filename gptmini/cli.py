@@ -26,7 +26,7 @@ def to_dataclass(cfg: DictConfig) -> Any:
 
 
 def run_reporting_errors(fn: Callable[[], T]) -> T:
-    """Run `fn`; bad input ends the process with one line on stderr and exit code 2.
+    """Run `fn`; bad input ends the process with one line on stderr and exit code 2, Ctrl-C with one line and 130.
 
     HYDRA_FULL_ERROR=1 shows the full traceback instead, as it does for Hydra's own errors.
     """
@@ -38,11 +38,22 @@ def run_reporting_errors(fn: Callable[[], T]) -> T:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
-def hydra_main(config_name: str, fn: Callable[[Any], Any]) -> None:
-    """Run `fn(typed config)` under `@hydra.main` with `configs/<config_name>.yaml` (for `python -m ...`)."""
+def run_command(config_name: str, fn: Callable[..., Any], with_run_dir: bool = False) -> None:
+    """The one entry helper every command goes through: `fn(typed config)` under `@hydra.main`, with
+    `configs/<config_name>.yaml`; `with_run_dir` also passes Hydra's run directory (`fn(config, run_dir)`).
+
+    A bad override ends in one `error:` line before Hydra starts (`check_overrides`); errors raised by `fn`
+    end the same way (`run_reporting_errors`).
+    """
     import hydra
+    from hydra.core.hydra_config import HydraConfig
 
     from gptmini.config import register_configs
 
@@ -51,9 +62,18 @@ def hydra_main(config_name: str, fn: Callable[[Any], Any]) -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)
     def main(cfg: DictConfig) -> None:
-        run_reporting_errors(lambda: fn(to_dataclass(cfg)))
+        if with_run_dir:
+            run_dir = HydraConfig.get().runtime.output_dir
+            run_reporting_errors(lambda: fn(to_dataclass(cfg), run_dir))
+        else:
+            run_reporting_errors(lambda: fn(to_dataclass(cfg)))
 
     main()
+
+
+def hydra_main(config_name: str, fn: Callable[[Any], Any]) -> None:
+    """`run_command` for the `python -m gptmini.<module>` commands."""
+    run_command(config_name, fn)
 
 
 def prepare_train_launch() -> None:
@@ -72,30 +92,72 @@ def prepare_train_launch() -> None:
 
 
 def check_overrides(config_name: str, argv: list[str]) -> None:
-    """Compose the config once before Hydra starts, so a bad override ends in one line on stderr (exit 2).
+    """Compose the config before Hydra starts, so a bad override ends in one line on stderr (exit 2).
 
     Hydra reports the same mistakes over several lines; this catches unknown groups, options and keys, wrong
-    types, and values our dataclasses reject, with the same wording condensed. Sweeps (`-m`) and Hydra's own
-    flags (`--help`, `--cfg`, ...) go straight to Hydra.
+    types, values our dataclasses reject, and a run directory that cannot be one, with the same wording
+    condensed. For a sweep (`-m`) every value of every swept key is checked. Hydra's informational flags
+    (`--help`, `--cfg`, ...) go straight to Hydra.
     """
-    if any(arg.startswith("-") for arg in argv):
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    args = [arg for arg in argv if arg not in ("-m", "--multirun")]
+    if any(arg.startswith("-") for arg in args):
         return
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    from gptmini.config import register_configs
-
-    register_configs()
-    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra.")]
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            to_dataclass(compose(config_name, overrides=overrides))
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        for overrides in _sweep_variants(args) if multirun else [args]:
+            cfg = _compose(config_name, overrides)
+            if not multirun and "run" in cfg.get("hydra", {}):
+                _check_run_dir(cfg.hydra.run.dir, explicit=any(a.startswith("hydra.run.dir=") for a in args))
+    except USER_ERRORS + (_hydra_errors(),) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
         print(f"error: {one_line(str(err) + cause)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _hydra_errors() -> type[BaseException]:
+    from hydra.errors import HydraException
+
+    return HydraException
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """The typed config (validated), with Hydra's own node when it resolves, for the run-directory check."""
+    from hydra import compose, initialize_config_dir
+
+    from gptmini.config import register_configs
+
+    register_configs()
+    job = [arg for arg in overrides if not arg.lstrip("+~").startswith("hydra.")]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        to_dataclass(compose(config_name, overrides=job))
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
+
+
+def _sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """For `-m`: the override lists that together try every value of every swept key once."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = {i: (o.input_line.split("=", 1)[0], list(o.sweep_string_iterator()))
+             for i, o in enumerate(parsed) if o.is_sweep_override()}
+    firsts = [f"{swept[i][0]}={swept[i][1][0]}" if i in swept else o.input_line for i, o in enumerate(parsed)]
+    variants = [firsts]
+    for i, (key, values) in swept.items():
+        variants += [firsts[:i] + [f"{key}={value}"] + firsts[i + 1 :] for value in values[1:]]
+    return variants
+
+
+def _check_run_dir(run_dir: str, explicit: bool) -> None:
+    """The run directory must be a directory we can create and write into."""
+    key = "hydra.run.dir" if explicit else "the default run directory (hydra.run.dir)"
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{key}={run_dir!r} is a file, not a directory; choose another hydra.run.dir")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={run_dir!r} is not writable ({existing} is read-only); choose another hydra.run.dir")
 
 
 def one_line(message: str) -> str:

@@ -7,10 +7,52 @@ config is composed, before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 POS_ENCODINGS = ("learned", "rope")
 MLP_KINDS = ("gelu", "relu2")
+NS_DTYPES = ("auto", "float32", "bfloat16")
+MAX_SEED = 2**31 - 1  # numpy seeds must stay below 2**32, and the trainer adds the rank
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks shared by the validators: each raises a one-line ValueError naming the key, the value and the range.
+
+
+def check_int(key: str, value: object, low: int, high: int | None = None, *, none_ok: bool = False,
+              note: str = "") -> None:
+    """`key=value` must be an integer >= low (and <= high); None too when `none_ok`."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high):
+        return
+    if high is not None:
+        what = f"an integer in [{low}, {high}]"
+    else:
+        what = {0: "a non-negative integer (>= 0)", 1: "a positive integer (>= 1)"}.get(low, f"an integer >= {low}")
+    raise ValueError(f"{key}={value!r} must be {what}{' or null' if none_ok else ''}{note}")
+
+
+def check_number(key: str, value: object, low: float, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False, note: str = "") -> None:
+    """`key=value` must be a finite number in the interval from low to high (open ends when asked)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if ok:
+        return
+    if high is None:
+        where = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{key}={value!r} must be a finite number {where}{note}")
+
+
+def check_choice(key: str, value: object, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is unknown; valid: {', '.join(valid)}")
 
 
 @dataclass
@@ -22,6 +64,36 @@ class AttentionConfig:
     n_kv_head: int | None = None
     # Number of most recent tokens each query may see (`swa`); None means the whole causal context.
     window: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, complete: bool = False) -> None:
+        """Refuse an unknown variant and a setting the variant would ignore (n_kv_head: only gqa reads it, window:
+        only swa); with `complete` (as part of a ModelConfig) also a missing one (swa needs a window)."""
+        from gptmini.attention import check_attention_config  # imported here: gptmini.attention imports us
+
+        if self.window is not None:
+            check_int("model.attention.window", self.window, 1)
+        check_attention_config(self, complete)
+
+
+SWA_DEFAULT_WINDOW = 64
+
+
+def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionConfig:
+    """Fill the settings a variant needs but the config left null: swa's window (64), gqa's key/value heads
+    (the largest divisor of n_head up to half of it).
+
+    The YAML groups leave them null rather than spelling the defaults out, so that `generate.py
+    model/attention=swa` runs a checkpoint with its own window unless the user types model.attention.window.
+    """
+    if attention.name == "swa" and attention.window is None:
+        return dataclasses.replace(attention, window=SWA_DEFAULT_WINDOW)
+    if attention.name == "gqa" and attention.n_kv_head is None and isinstance(n_head, int) and n_head > 0:
+        kv = max([d for d in range(1, n_head // 2 + 1) if n_head % d == 0], default=1)
+        return dataclasses.replace(attention, n_kv_head=kv)
+    return attention
 
 
 @dataclass
@@ -59,10 +131,10 @@ class ModelConfig:
         """Raise a one-line ValueError naming the first bad value."""
         if isinstance(self.attention, dict):  # built from a plain dict, e.g. a checkpoint's config
             self.attention = AttentionConfig(**self.attention)
+        self.attention = with_variant_defaults(self.attention, self.n_head)
+        self.attention.validate(complete=True)
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model.{name}={value!r} must be a positive integer")
+            check_int(f"model.{name}", getattr(self, name), 1)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
@@ -81,9 +153,6 @@ class ModelConfig:
             raise ValueError(
                 f"model.attention.n_kv_head={kv} must be a positive divisor of model.n_head={self.n_head}"
             )
-        window = self.attention.window
-        if window is not None and window <= 0:
-            raise ValueError(f"model.attention.window={window} must be a positive integer")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"model.mlp={self.mlp!r} is unknown; valid: {', '.join(MLP_KINDS)}")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
@@ -123,10 +192,42 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | wsd: warm-up, stable at train.lr, linear decay over the last decay_frac
     decay_frac: float = 0.2  # wsd: fraction of max_iters spent decaying to lr * min_lr_ratio
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError naming the first bad value and its valid range."""
+        from gptmini.device import DEVICES, DTYPES  # imported here: they bring torch
+        from gptmini.distributed import STRATEGIES
+        from gptmini.optim import SCHEDULES
+
+        for name in ("batch_size", "grad_accum", "eval_iters", "log_interval", "ckpt_interval", "max_bad_steps",
+                     "probe_tokens"):
+            check_int(f"train.{name}", getattr(self, name), 1)
+        for name in ("max_iters", "warmup_iters", "sample_tokens"):
+            check_int(f"train.{name}", getattr(self, name), 0)
+        for name in ("eval_interval", "attn_interval"):
+            check_int(f"train.{name}", getattr(self, name), 0, note=" (0: never)")
+        check_int("train.stop_after", self.stop_after, 1, none_ok=True, note=" (no limit)")
+        check_int("train.eval_window", self.eval_window, 1, none_ok=True, note=" (model.block_size)")
+        check_int("train.seed", self.seed, 0, MAX_SEED)
+        check_number("train.lr", self.lr, 0, low_open=True)
+        check_number("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("train.decay_frac", self.decay_frac, 0, 1)
+        check_number("train.grad_clip", self.grad_clip, 0, note=" (0 disables clipping)")
+        check_number("train.dist_timeout_s", self.dist_timeout_s, 0, low_open=True)
+        check_choice("train.lr_schedule", self.lr_schedule, SCHEDULES)
+        check_choice("train.device", self.device, DEVICES)
+        check_choice("train.dtype", self.dtype, ("auto", *DTYPES))
+        check_choice("train.strategy", self.strategy, STRATEGIES)
+        if not isinstance(self.resume, str) or not self.resume.strip():
+            raise ValueError(f"train.resume={self.resume!r} must be auto, never, or the path of a checkpoint")
+
 
 @dataclass
 class OptimConfig:
-    """AdamW. Weight decay applies to weight matrices only, never to biases or norm gains."""
+    """The optimizer: AdamW, or Muon with AdamW (optim.name). AdamW decays weight matrices only, never biases or norm
+    gains."""
 
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -142,7 +243,25 @@ class OptimConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton-Schulz iterations per update
     muon_weight_decay: float = 0.0  # decoupled, lr-scaled, like AdamW's
-    muon_ns_dtype: str = "auto"  # auto (bfloat16 on GPUs, else float32) | float32 | bfloat16
+    # auto: bfloat16 where the hardware computes it natively (bf16 GPUs; CPUs with AVX512-BF16, AMX-BF16 or Arm
+    # BF16), else float32 | float32 | bfloat16
+    muon_ns_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line ValueError naming the first bad value and its valid range."""
+        from gptmini.optim import OPTIMIZERS  # imported here: gptmini.optim imports us
+
+        check_choice("optim.name", self.name, OPTIMIZERS)
+        for name in ("beta1", "beta2", "muon_momentum"):
+            check_number(f"optim.{name}", getattr(self, name), 0, 1, high_open=True)
+        check_number("optim.eps", self.eps, 0, low_open=True)
+        for name in ("weight_decay", "muon_weight_decay", "muon_lr"):
+            check_number(f"optim.{name}", getattr(self, name), 0)
+        check_int("optim.muon_ns_steps", self.muon_ns_steps, 1)
+        check_choice("optim.muon_ns_dtype", self.muon_ns_dtype, NS_DTYPES)
 
 
 @dataclass
@@ -180,6 +299,23 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data_dir: str = "data"  # prepared datasets live in <data_dir>/<data.name>/
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Settings that are fine alone but not together; each message names both keys."""
+        window, block = self.train.eval_window, self.model.block_size
+        if window is not None and window > block:
+            raise ValueError(
+                f"train.eval_window={window} is larger than model.block_size={block}: the final evaluation's "
+                f"windows must fit the model's context; use at most {block}, or null for block_size"
+            )
+        if self.optim.name == "muon" and self.train.strategy == "fsdp":
+            raise ValueError(
+                "optim.name=muon cannot be combined with train.strategy=fsdp: Muon orthogonalises whole matrices "
+                "and FSDP shards them; use train.strategy=ddp or optim.name=adamw"
+            )
 
 
 @dataclass
@@ -223,9 +359,12 @@ class GenerateConfig:
     attention_layers: list[int] | None = None
     attention_heads: list[int] | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature} must be >= 0 and finite (0 is greedy)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k is not None and self.top_k < 1:

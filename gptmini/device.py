@@ -6,8 +6,10 @@ ROCm builds of PyTorch expose AMD GPUs under the `cuda` device name; `torch.vers
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -55,10 +57,10 @@ class DeviceInfo:
     name: str  # the accelerator's name as the driver reports it ("cpu" on CPU)
 
 
-def resolve_device(requested: str = "auto") -> torch.device:
-    """auto picks cuda (NVIDIA or AMD ROCm), then mps, then cpu."""
+def resolve_device(requested: str = "auto", key: str = "train.device") -> torch.device:
+    """auto picks cuda (NVIDIA or AMD ROCm), then mps, then cpu. `key` is the setting's name in messages."""
     if requested not in DEVICES:
-        raise ValueError(f"train.device={requested!r} is unknown; valid: {', '.join(DEVICES)}")
+        raise ValueError(f"{key}={requested!r} is unknown; valid: {', '.join(DEVICES)}")
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -66,9 +68,9 @@ def resolve_device(requested: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA or ROCm GPU is visible to this torch build")
+        raise ValueError(f"{key}=cuda but no CUDA or ROCm GPU is visible to this torch build")
     if requested == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("train.device=mps but MPS is not available on this machine")
+        raise ValueError(f"{key}=mps but MPS is not available on this machine")
     return torch.device(requested)
 
 
@@ -82,17 +84,82 @@ def describe(device: torch.device) -> DeviceInfo:
         return DeviceInfo(device, backend, name)
     if device.type == "mps":
         return DeviceInfo(device, f"MPS, {platform.machine()}", "mps")
-    return DeviceInfo(device, f"CPU, {platform.processor() or platform.machine()}", "cpu")
+    return DeviceInfo(device, f"CPU, {describe_cpu()}", "cpu")
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+# ----------------------------------------------------------------------------------------------------------
+# Native bfloat16: where bf16 matmuls run in hardware, rather than converted to fp32 and back (slower than fp32)
+
+_X86_BF16 = ("avx512_bf16", "amx_bf16")  # the names in torch.cpu.get_capabilities() and in /proc/cpuinfo flags
+_ARM_BF16 = ("bf16", "sve_bf16")  # torch.cpu.get_capabilities(); /proc/cpuinfo says "bf16" in its Features
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@functools.cache
+def cpu_capabilities() -> dict[str, object]:
+    """The CPU's features as torch detects them (cpuinfo), or from /proc/cpuinfo on a torch without that API."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        with contextlib.suppress(Exception):
+            return dict(get())
+    caps: dict[str, object] = {"architecture": platform.machine()}
+    with contextlib.suppress(OSError):
+        for line in CPUINFO.read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in ("flags", "features"):
+                caps.update(dict.fromkeys(value.split(), True))
+            elif key == "model name":
+                caps.setdefault("cpu_name", value.strip())
+    return caps
+
+
+def cpu_has_native_bf16(caps: dict[str, object] | None = None) -> bool:
+    """True on CPUs with bf16 dot-product instructions: x86 AVX512-BF16 or AMX-BF16, Arm BF16 (e.g. Neoverse
+    V1/V2, Apple M2 and later). Elsewhere (e.g. AVX2-only AMD EPYC) bf16 matmuls are emulated and slow."""
+    caps = cpu_capabilities() if caps is None else caps
+    return any(bool(caps.get(flag)) for flag in (*_X86_BF16, *_ARM_BF16))
+
+
+def describe_cpu(caps: dict[str, object] | None = None) -> str:
+    """The CPU's model name and the vector extension torch dispatches to, e.g. "AMD EPYC (AVX2)"."""
+    caps = cpu_capabilities() if caps is None else caps
+    name = str(caps.get("cpu_name") or platform.processor() or platform.machine() or "unknown CPU")
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def gpu_has_native_bf16(device: torch.device) -> bool:
+    """True on CUDA and ROCm GPUs that compute bf16 in hardware (NVIDIA Ampere and later, AMD CDNA2 and later)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no `including_emulation`
+        return torch.cuda.is_bf16_supported()
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether `device` computes bf16 matmuls natively, and why, in words (for a start-up note)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cuda"
+        if gpu_has_native_bf16(device):
+            return True, f"GPU {name} supports bf16"
+        return False, f"GPU {name} has no native bf16"
+    if device.type == "cpu":
+        if cpu_has_native_bf16():
+            return True, f"CPU {describe_cpu()} has native bf16"
+        return False, f"CPU {describe_cpu()} has no native bf16"
+    return False, f"{device.type} is not known to gain from bf16"
+
+
+def resolve_dtype(requested: str, device: torch.device, key: str = "train.dtype") -> torch.dtype:
     """auto: bf16 where the GPU supports it, else fp16 (with a gradient scaler); fp32 on CPU and MPS."""
     if requested == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if requested not in DTYPES:
-        raise ValueError(f"train.dtype={requested!r} is unknown; valid: auto, {', '.join(DTYPES)}")
+        raise ValueError(f"{key}={requested!r} is unknown; valid: auto, {', '.join(DTYPES)}")
     return DTYPES[requested]
 
 

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from gptmini import data as data_lib
-from gptmini.checkpoint import find_checkpoint, load_checkpoint
+from gptmini.checkpoint import load_for_inference
 from gptmini.config import DataConfig, EvaluateConfig
 from gptmini.device import autocast, resolve_device, resolve_dtype
-from gptmini.generation import load_for_inference
 
 SPLITS = ("val", "train")
 
@@ -70,23 +69,20 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
         raise ValueError(f"eval.split={opts.split!r} is unknown; valid: {', '.join(SPLITS)}")
     if opts.batch_size < 1:
         raise ValueError(f"eval.batch_size={opts.batch_size} must be a positive integer")
-    device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device)
-    path = find_checkpoint(cfg.ckpt)
-    model, tokenizer = load_for_inference(path, device)
+    device = resolve_device(opts.device, key="eval.device")
+    dtype = resolve_dtype(opts.dtype, device, key="eval.dtype")
+    model, tokenizer, saved, path = load_for_inference(cfg.ckpt, device)
     block_size = model.config.block_size
     window = opts.window if opts.window is not None else block_size
     if not 1 <= window <= block_size:
         raise ValueError(f"eval.window={window} must be between 1 and the model's block_size={block_size}")
 
     data_cfg, data_dir = cfg.data, cfg.data_dir
-    if data_cfg is None or data_dir is None:  # fall back on what the checkpoint was trained with
-        saved = load_checkpoint(path)["config"]
-        if data_cfg is None:
-            known = {f.name for f in dataclasses.fields(DataConfig)}
-            data_cfg = DataConfig(**{k: v for k, v in saved.get("data", {}).items() if k in known})
-        if data_dir is None:
-            data_dir = saved.get("data_dir", "data")
+    if data_cfg is None:  # fall back on what the checkpoint was trained with
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        data_cfg = DataConfig(**{k: v for k, v in saved.get("data", {}).items() if k in known})
+    if data_dir is None:
+        data_dir = saved.get("data_dir", "data")
     prepared = data_lib.prepare(data_cfg, data_dir)
     if prepared.tokenizer.spec() != tokenizer.spec():
         raise ValueError(

@@ -1,74 +1,26 @@
-"""Sampling from a checkpoint, as a library: `load_for_inference` and `run_generation(config)`.
+"""Sampling from a checkpoint, as a library: `run_generation(config)` (the checkpoint is read by
+`gptmini.checkpoint.load_for_inference`).
 
 The model, its tokenizer and vocabulary all come from the checkpoint; the data folder is not needed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from gptmini.attention import WEIGHT_COMPATIBLE
-from gptmini.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
-from gptmini.config import AttentionConfig, GenerateConfig, ModelConfig
+from gptmini.checkpoint import load_for_inference
+from gptmini.config import GenerateConfig
 from gptmini.device import autocast, resolve_device, resolve_dtype
 from gptmini.model import GPT
 from gptmini.sampling import generate_stream
-from gptmini.tokenizer import Tokenizer, tokenizer_from_spec
+from gptmini.tokenizer import Tokenizer
 
 SEPARATOR = "\n\n---\n\n"  # between samples, on stdout and in the `out` file
 _MAX_HELD_TOKENS = 4  # a UTF-8 character spans at most 4 byte-level tokens
-
-
-def load_for_inference(
-    ckpt: str | Path, device: torch.device | str = "cpu", attention: AttentionConfig | None = None
-) -> tuple[GPT, Tokenizer]:
-    """Rebuild model and tokenizer from a checkpoint, optionally running it with another attention variant.
-
-    Only weight-compatible variants can stand in for one another (see gptmini.attention); anything else is
-    refused with a one-line error, as is a checkpoint whose tensors do not fit its own config.
-    """
-    path = find_checkpoint(ckpt)
-    state = load_checkpoint(path)
-    try:
-        model_cfg = ModelConfig(**state["config"]["model"])
-        tokenizer = tokenizer_from_spec(state["tokenizer"])
-        weights = state["model"]
-        if not isinstance(weights, dict):
-            raise TypeError(f"'model' holds a {type(weights).__name__}, not a state dict")
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{str(path)!r} lacks a valid model config, tokenizer or weights ({err})") from None
-    if attention is not None:
-        model_cfg = dataclasses.replace(model_cfg, attention=_swap_attention(model_cfg.attention, attention))
-    model = GPT(model_cfg)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        lines = [line.strip() for line in str(err).strip().splitlines()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise CheckpointError(f"{str(path)!r}: its tensors do not fit its config ({detail})") from None
-    return model.to(device).eval(), tokenizer
-
-
-def _swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> AttentionConfig:
-    """The attention config to run with: `wanted` when it can load weights trained with `trained`."""
-    if wanted.name == trained.name:
-        if wanted.n_kv_head != trained.n_kv_head:
-            raise ValueError(
-                f"model.attention.n_kv_head={wanted.n_kv_head} does not match the checkpoint's "
-                f"n_kv_head={trained.n_kv_head}; key/value heads are fixed by the weights"
-            )
-        return wanted
-    if wanted.name not in WEIGHT_COMPATIBLE or trained.name not in WEIGHT_COMPATIBLE:
-        raise ValueError(
-            f"model/attention={wanted.name} cannot run weights trained with {trained.name!r}: only these "
-            f"variants are interchangeable: {', '.join(WEIGHT_COMPATIBLE)}"
-        )
-    return wanted
 
 
 class Continuation:
@@ -147,12 +99,9 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     fresh document does in training.
     """
     cfg.validate()
-    try:
-        device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
-    except ValueError as err:  # its messages name the train.* keys; here the keys are top-level
-        raise ValueError(str(err).replace("train.", "")) from None
-    model, tokenizer = load_for_inference(cfg.ckpt, device, cfg.model.attention)
+    device = resolve_device(cfg.device, key="device")
+    dtype = resolve_dtype(cfg.dtype, device, key="dtype")
+    model, tokenizer, _, _ = load_for_inference(cfg.ckpt, device, cfg.model.attention)
     prompt = read_prompt(cfg)
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (N, T)

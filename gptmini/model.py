@@ -1,6 +1,6 @@
 """The GPT model: token embedding, positions, a stack of pre-norm transformer blocks, tied LM head.
 
-Readable in one sitting on purpose; the attention implementations live in `attention.py`.
+Readable in one sitting on purpose; the attention implementations live in `attention/`.
 """
 
 from __future__ import annotations

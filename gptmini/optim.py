@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gptmini.config import RunConfig, TrainConfig
+from gptmini.config import NS_DTYPES, RunConfig, TrainConfig
+from gptmini.device import native_bf16
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
@@ -71,14 +72,33 @@ def set_lr(optimizer: Any, step: int, cfg: RunConfig) -> float:
 # Muon
 
 
-def ns_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The Newton-Schulz dtype: `auto` is bfloat16 on GPUs, float32 elsewhere (CPUs with native bf16 dot
-    products, e.g. AVX512-BF16, also gain from `bfloat16`)."""
+def ns_dtype_choice(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The Newton-Schulz dtype for `optim.muon_ns_dtype=name` on `device`, and why, in words.
+
+    `auto` is bfloat16 where the hardware computes bf16 matmuls natively (bf16 GPUs; CPUs with AVX512-BF16,
+    AMX-BF16 or Arm BF16), else float32: on other CPUs bf16 is emulated and several times slower than float32.
+    """
+    if name not in NS_DTYPES:
+        raise ValueError(f"optim.muon_ns_dtype={name!r} is unknown; valid: {', '.join(NS_DTYPES)}")
+    native, hardware = native_bf16(device)
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"optim.muon_ns_dtype={name!r} is unknown; valid: auto, float32, bfloat16")
-    return getattr(torch, name)
+        return (torch.bfloat16 if native else torch.float32), f"auto: {hardware}"
+    why = f"set by optim.muon_ns_dtype={name}"
+    if name == "bfloat16" and not native:
+        why += f"; {hardware}, so float32 or auto may be faster"
+    return getattr(torch, name), why
+
+
+def ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The Newton-Schulz dtype for `optim.muon_ns_dtype=name` on `device` (see `ns_dtype_choice`)."""
+    return ns_dtype_choice(name, device)[0]
+
+
+def ns_dtype_note(name: str, device: torch.device) -> str:
+    """One line for the start-up log, e.g. "muon Newton-Schulz dtype: float32 (auto: CPU AMD EPYC (AVX2) has no
+    native bf16)"."""
+    dtype, why = ns_dtype_choice(name, device)
+    return f"muon Newton-Schulz dtype: {str(dtype).removeprefix('torch.')} ({why})"
 
 
 def newton_schulz(g: Tensor, steps: int = 5, dtype: torch.dtype | None = None, eps: float = 1e-7) -> Tensor:

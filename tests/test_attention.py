@@ -3,8 +3,11 @@ loop-based reference written independently here, and against the worked examples
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +15,20 @@ import torch.nn as nn
 
 from gptmini.attention import (
     ATTENTION_REGISTRY,
-    WEIGHT_COMPATIBLE,
+    FusedQKV,
     KVCache,
+    PackedQKVBase,
+    SeparateQKVBase,
+    WrapperAttention,
     apply_rope,
     build_attention,
     math_attention,
+    weight_compatible_variants,
 )
 from gptmini.config import AttentionConfig, ModelConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from model_helpers import tiny_config  # noqa: E402
 
 ALL = sorted(ATTENTION_REGISTRY)
 # flex has no backward on CPU in torch 2.13, so gradients are compared for it only on a GPU.
@@ -26,13 +36,7 @@ GRAD_ON_CPU = [n for n in ALL if n != "flex"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def config(name: str = "mha", **overrides) -> ModelConfig:
-    attn = {"gqa": AttentionConfig("gqa", n_kv_head=2), "swa": AttentionConfig("swa", window=3)}.get(
-        name, AttentionConfig(name)
-    )
-    base = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=37, dropout=0.0, attention=attn)
-    base.update(overrides)
-    return ModelConfig(**base)
+config = tiny_config  # config(name, **overrides): the shared tiny model config (tests/model_helpers.py)
 
 
 def make(name: str, **overrides) -> nn.Module:
@@ -315,15 +319,20 @@ def test_attention_dropout(name):
     assert not torch.allclose(y_train, y2, atol=1e-3)  # the fused paths drop too
 
 
-def test_flex_refuses_cpu_training_and_dropout():
+def test_flex_refuses_cpu_training_dropout_and_small_gpu_heads():
     module = make("flex")
+    cfg = module.config
     with pytest.raises(ValueError, match="cannot train on CPU"):
-        module.check_device(torch.device("cpu"), training=True)
-    module.check_device(torch.device("cpu"), training=False)  # inference is fine
+        module.check_device(cfg, torch.device("cpu"), training=True)
+    module.check_device(cfg, torch.device("cpu"), training=False)  # inference is fine
     with pytest.raises(RuntimeError, match="no backward on CPU"):
         module(torch.randn(1, 4, 32, requires_grad=True))
     with pytest.raises(ValueError, match="model.dropout=0"):
-        make("flex", dropout=0.1).check_device(torch.device("cuda"), training=True)
+        ATTENTION_REGISTRY["flex"].check_device(tiny_config("flex", dropout=0.1), torch.device("cuda"), True)
+    small = tiny_config("flex", n_embd=32, n_head=4)  # head_dim 8: Inductor's flex kernel needs >= 16
+    with pytest.raises(ValueError, match=r"head size of at least 16 on GPUs.*model.n_embd/model.n_head=32/4=8"):
+        ATTENTION_REGISTRY["flex"].check_device(small, torch.device("cuda"), training=False)
+    ATTENTION_REGISTRY["flex"].check_device(tiny_config("flex", n_embd=64, n_head=4), "cuda", training=True)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -357,15 +366,15 @@ def test_kv_cache_overflow_is_an_error():
 # State dicts, RoPE, errors
 
 
-@pytest.mark.parametrize("src", WEIGHT_COMPATIBLE)
+@pytest.mark.parametrize("src", weight_compatible_variants())
 def test_state_dict_is_canonical(src):
     sd = make(src).state_dict()
     assert set(sd) == {"qkv.weight", "qkv.bias", "out_proj.weight", "out_proj.bias"}
     assert sd["qkv.weight"].shape == (96, 32)
 
 
-@pytest.mark.parametrize("src", WEIGHT_COMPATIBLE)
-@pytest.mark.parametrize("dst", WEIGHT_COMPATIBLE)
+@pytest.mark.parametrize("src", weight_compatible_variants())
+@pytest.mark.parametrize("dst", weight_compatible_variants())
 def test_state_dict_portable_between_variants(src, dst):
     a, b = make(src), make(dst)
     torch.manual_seed(5)
@@ -417,6 +426,49 @@ def test_unknown_variant_lists_valid_names():
 def test_swa_needs_a_window():
     with pytest.raises(ValueError, match="needs model.attention.window"):
         build_attention(config("mha", attention=AttentionConfig("swa")))
+
+
+def test_settings_a_variant_ignores_are_refused():
+    for name in ALL:
+        if name != "swa":
+            with pytest.raises(ValueError, match=rf"model.attention.window=4 is ignored by attention variant '{name}'"):
+                AttentionConfig(name, window=4)
+        if name != "gqa":
+            with pytest.raises(ValueError, match=rf"model.attention.n_kv_head=4 is ignored by .*'{name}'.*only gqa"):
+                AttentionConfig(name, n_kv_head=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Structure
+
+
+def test_base_classes_are_not_variants():
+    """The shared bases are not registered; `fused_qkv` is the variant built on the packed one."""
+    assert ATTENTION_REGISTRY["fused_qkv"] is FusedQKV and issubclass(FusedQKV, PackedQKVBase)
+    assert not {PackedQKVBase, SeparateQKVBase} & set(ATTENTION_REGISTRY.values())
+    assert {n for n, cls in ATTENTION_REGISTRY.items() if issubclass(cls, PackedQKVBase)} == {
+        "fused_qkv", "sdpa", "gqa", "swa", "flex"}
+    assert {n for n, cls in ATTENTION_REGISTRY.items() if issubclass(cls, SeparateQKVBase)} == {"mha", "einsum"}
+    assert WrapperAttention._LAYERS == ("query", "key", "value")  # in the order the canonical qkv stacks them
+
+
+def test_einsum_keeps_no_mask_buffer():
+    """einsum builds its mask per call; mha's buffer is not persistent, so neither state dict has a mask."""
+    assert dict(make("einsum").named_buffers()) == {}
+    assert set(dict(make("mha").named_buffers())) == {"mask"} and "mask" not in make("mha").state_dict()
+    einsum = make("einsum")
+    einsum.load_state_dict(make("mha").state_dict(), strict=True)  # checkpoints of either load into the other
+
+
+def test_attention_modules_stay_small():
+    """No module of gptmini/attention/ over 450 lines, no function over 60."""
+    folder = Path(__file__).resolve().parents[1] / "gptmini" / "attention"
+    for path in sorted(folder.glob("*.py")):
+        source = path.read_text()
+        assert len(source.splitlines()) <= 450, path.name
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 60, f"{path.name}: {node.name}"
 
 
 def test_torch_mha_refuses_rope():

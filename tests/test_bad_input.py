@@ -99,6 +99,19 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evaluate: data with another vocabulary", [*EVALUATE, f"ckpt={run}", "data=text",
                                                     f"data.path={root / 'other.txt'}", f"data_dir={root / 'd3'}"],
          "vocab"),
+        ("train: zero grad_accum", trainer("train.grad_accum=0"), "train.grad_accum=0 must be a positive integer"),
+        ("train: zero log_interval", trainer("train.log_interval=0"), "train.log_interval=0"),
+        ("train: negative max_iters", trainer("train.max_iters=-5"), "train.max_iters=-5"),
+        ("train: negative seed", trainer("train.seed=-1"), "train.seed=-1"),
+        ("train: window with sdpa", trainer("model.attention.window=4"), "model.attention.window=4 is ignored"),
+        ("generate: nan temperature", [*gen, "temperature=nan"], "temperature=nan"),
+        ("data: too short to split by position", [*DATA, "data=text", f"data.path={root / 'short.txt'}",
+                                                  "data.val_fraction=0.9", f"data_dir={root / 'd2'}"],
+         "data.val_fraction=0.5"),
+        ("data: data_dir is a file", [*DATA, "data=text", f"data.path={w['corpus']}",
+                                      f"data_dir={root / 'notes.txt'}"], "data_dir="),
+        ("data: data_dir below a file", [*DATA, "data=text", f"data.path={w['corpus']}",
+                                         f"data_dir={root / 'notes.txt' / 'sub'}"], "Not a directory"),
     ]
 
 

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from gptmini import data as data_lib
+from gptmini.checkpoint import load_for_inference
 from gptmini.cli import to_dataclass
 from gptmini.config import DataConfig, EvalOptions, EvaluateConfig, ModelConfig, register_configs
 from gptmini.evaluate import evaluate_split, run_evaluation
-from gptmini.generation import load_for_inference
 from gptmini.model import GPT
 from gptmini.trainer import train
 
@@ -76,7 +76,7 @@ def test_run_evaluation_matches_hand_computation_and_training(trained):
     tmp, corpus, cfg, result = trained
     out = run_evaluation(EvaluateConfig(ckpt=str(tmp / "run"), eval=EvalOptions(window=8, device="cpu")),
                          stream=None)
-    model, _ = load_for_inference(tmp / "run", "cpu")
+    model = load_for_inference(tmp / "run", "cpu").model
     val = data_lib.prepare(cfg.data, cfg.data_dir, log=lambda _: None).val_tokens()
     assert out.loss == pytest.approx(hand_loss(model, val, 8), rel=1e-6)
     assert out.loss == pytest.approx(result.final_val_loss, abs=5e-5)  # the trainer's last line (4 decimals)

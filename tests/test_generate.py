@@ -23,13 +23,13 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptmini import GPT, ModelConfig
-from gptmini.attention import ATTENTION_REGISTRY, WEIGHT_COMPATIBLE
+from gptmini.attention import ATTENTION_REGISTRY, weight_compatible_variants
 from gptmini.attention_maps import GAP, MARGIN, MASKED, TITLE_H, render_grid
-from gptmini.checkpoint import load_checkpoint, save_checkpoint
+from gptmini.checkpoint import load_checkpoint, load_for_inference, save_checkpoint
 from gptmini.cli import to_dataclass
 from gptmini.config import AttentionConfig, GenerateConfig, register_configs
-from gptmini.generation import SEPARATOR, Continuation, load_for_inference, run_generation
-from gptmini.logging import heatmap
+from gptmini.generation import SEPARATOR, Continuation, run_generation
+from gptmini.heatmap import heatmap
 from gptmini.sampling import generate
 from gptmini.tokenizer import ByteTokenizer, CharTokenizer, TokenizerError
 from gptmini.trainer import train
@@ -89,7 +89,7 @@ def random_checkpoint(run_dir: Path, path: Path, attention: AttentionConfig, **m
 
 def test_greedy_text_is_argmax_decoding_and_streamed(run_dir):
     samples, streamed = generate_text(run_dir, prompt=PROMPT, temperature=0.0, max_new_tokens=30)
-    model, tok = load_for_inference(run_dir)
+    model, tok = load_for_inference(run_dir)[:2]
     ids = torch.tensor([tok.encode(PROMPT)])
     for _ in range(30):  # the full model on (at most) the last block_size tokens, no cache
         nxt = model(ids[:, -BLOCK:]).logits[:, -1].argmax(-1, keepdim=True)
@@ -153,7 +153,7 @@ def test_stop_string_cuts_the_text_and_never_streams(run_dir):
 
 def test_end_of_text_stops_each_row(run_dir, monkeypatch):
     """Scripted tokens: row 0 emits end-of-text at step 3, row 1 at step 5, row 2 never."""
-    _, tok = load_for_inference(run_dir)
+    tok = load_for_inference(run_dir).tokenizer
     a, b = tok.encode("a")[0], tok.encode("b")[0]
     script = [[a, a, a, tok.eot_id, a, a, a], [b, b, b, b, b, tok.eot_id, b], [a, b, a, b, a, b, a]]
     steps = []
@@ -178,7 +178,7 @@ def test_end_of_text_stops_each_row(run_dir, monkeypatch):
 
 def test_empty_prompt_starts_from_end_of_text(run_dir):
     (sample,), streamed = generate_text(run_dir, prompt="", temperature=0.0, max_new_tokens=12)
-    model, tok = load_for_inference(run_dir)
+    model, tok = load_for_inference(run_dir)[:2]
     ids = generate(model, torch.tensor([[tok.eot_id]]), 12, temperature=0.0)[0, 1:].tolist()
     if tok.eot_id in ids:
         ids = ids[: ids.index(tok.eot_id)]
@@ -210,7 +210,7 @@ def test_prompt_outside_the_char_vocabulary_is_refused(run_dir):
 # Attention variants and the KV cache
 
 
-@pytest.mark.parametrize("variant", [v for v in WEIGHT_COMPATIBLE if v != "sdpa"])
+@pytest.mark.parametrize("variant", [v for v in weight_compatible_variants() if v != "sdpa"])
 def test_weight_compatible_variant_gives_the_same_greedy_text(run_dir, variant):
     (sdpa,), _ = generate_text(run_dir, prompt=PROMPT, temperature=0.0, max_new_tokens=30)
     (other,), _ = generate_text(run_dir, f"model/attention={variant}", prompt=PROMPT, temperature=0.0,
@@ -223,14 +223,14 @@ def test_incompatible_variant_is_refused(run_dir, tmp_path):
         generate_text(run_dir, "model/attention=gqa")
     gqa = random_checkpoint(run_dir, tmp_path / "gqa.pt", AttentionConfig("gqa", n_kv_head=1))
     with pytest.raises(ValueError, match=r"n_kv_head=2 does not match the checkpoint's n_kv_head=1"):
-        generate_text(gqa, "model/attention=gqa")
+        generate_text(gqa, "model/attention=gqa", "model.attention.n_kv_head=2")  # typed: fixed by the weights
     with pytest.raises(ValueError, match=r"model/attention=mha cannot run weights trained with 'gqa'"):
         generate_text(gqa, "model/attention=mha")
 
 
 @pytest.mark.parametrize("variant", sorted(ATTENTION_REGISTRY))
 def test_kv_cache_on_and_off_same_text_within_and_past_block_size(run_dir, tmp_path, variant):
-    if variant in WEIGHT_COMPATIBLE:  # the trained weights, run by this variant
+    if variant in weight_compatible_variants():  # the trained weights, run by this variant
         ckpt, overrides = run_dir, [f"model/attention={variant}"]
     else:  # gqa and swa have their own weights: a random model in the trainer's layout
         attn = AttentionConfig(variant, n_kv_head=1) if variant == "gqa" else AttentionConfig(variant, window=5)
@@ -271,7 +271,7 @@ def test_attention_map_selection_places_the_chosen_head(run_dir, tmp_path):
         assert img.size == size
         tile = torch.from_numpy(np.array(img.convert("RGB")))  # (H, W, 3)
     tile = tile[MARGIN + TITLE_H : MARGIN + TITLE_H + cell, MARGIN : MARGIN + cell]  # (cell, cell, 3)
-    model, tok = load_for_inference(run_dir)
+    model, tok = load_for_inference(run_dir)[:2]
     with torch.no_grad():
         weights = model(torch.tensor([tok.encode(PROMPT)]), return_weights=True).attentions[1][0, 1]  # (T, T)
     expected = (heatmap(weights, min_size=cell).permute(1, 2, 0) * 255).round().byte()  # layer 1, head 1
@@ -414,3 +414,18 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(run_dir, tmp_path):
     assert missing.stderr.strip().splitlines() == [f"error: checkpoint '{tmp_path / 'missing'}' does not exist"]
     full = run_cli(f"ckpt={tmp_path / 'missing'}", env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr and "CheckpointError" in full.stderr
+
+
+def test_a_checkpoint_run_as_its_own_variant_keeps_its_settings(run_dir, tmp_path):
+    """`model/attention=swa` on a window-4 checkpoint runs window 4; only a typed model.attention.window wins."""
+    ckpt = random_checkpoint(run_dir, tmp_path / "swa.pt", AttentionConfig("swa", window=4))
+    chosen = gen_config(ckpt, "model/attention=swa").model.attention
+    assert chosen.name == "swa" and chosen.window is None  # the group names the variant, not a window
+    assert load_for_inference(ckpt, attention=chosen).model.config.attention.window == 4
+    typed = gen_config(ckpt, "model/attention=swa", "model.attention.window=8").model.attention
+    assert load_for_inference(ckpt, attention=typed).model.config.attention.window == 8
+    samples, _ = generate_text(ckpt, "model/attention=swa", prompt=PROMPT, temperature=0.0, max_new_tokens=12)
+    assert samples == generate_text(ckpt, prompt=PROMPT, temperature=0.0, max_new_tokens=12)[0]
+    gqa = random_checkpoint(run_dir, tmp_path / "gqa.pt", AttentionConfig("gqa", n_kv_head=1))
+    assert load_for_inference(gqa, attention=gen_config(gqa, "model/attention=gqa").model.attention
+                              ).model.config.attention.n_kv_head == 1

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from gptmini import GPT, WEIGHT_COMPATIBLE, AttentionConfig, ModelConfig
-from gptmini.attention import ATTENTION_REGISTRY
+from gptmini import GPT, AttentionConfig, ModelConfig
+from gptmini.attention import ATTENTION_REGISTRY, weight_compatible_variants
+
+sys.path.insert(0, str(Path(__file__).parent))
+from model_helpers import tiny_config  # noqa: E402
 
 ALL = sorted(ATTENTION_REGISTRY)
 
 
 def tiny(name: str = "sdpa", **overrides) -> ModelConfig:
-    attn = {"gqa": AttentionConfig("gqa", n_kv_head=2), "swa": AttentionConfig("swa", window=5)}.get(
-        name, AttentionConfig(name)
-    )
-    base = dict(n_layer=2, n_head=4, n_embd=32, block_size=24, vocab_size=41, attention=attn)
-    base.update(overrides)
-    return ModelConfig(**base)
+    """The shared tiny config (tests/model_helpers.py) with a longer block, a window of 5 and 41 tokens."""
+    return tiny_config(name, window=5, **{"block_size": 24, "vocab_size": 41, **overrides})
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> GPT:
@@ -72,7 +73,7 @@ def test_loss_is_cross_entropy():
     assert out.attentions is None
 
 
-@pytest.mark.parametrize("src", WEIGHT_COMPATIBLE)
+@pytest.mark.parametrize("src", weight_compatible_variants())
 def test_whole_model_portable_to_mha(src):
     model = build(tiny(src))
     ref = build(tiny("mha"), seed=1)
@@ -137,7 +138,7 @@ def test_input_longer_than_block_size():
         ({"n_layer": 0}, r"model.n_layer=0 must be a positive integer"),
         ({"pos_encoding": "alibi"}, r"model.pos_encoding='alibi' is unknown; valid: learned, rope"),
         ({"dropout": 1.5}, r"model.dropout=1.5 must be in \[0, 1\)"),
-        ({"attention": AttentionConfig("swa", window=0)}, r"model.attention.window=0 must be a positive integer"),
+        ({"attention": {"name": "swa", "window": 0}}, r"model.attention.window=0 must be a positive integer"),
     ],
 )
 def test_config_errors_name_the_values(overrides, message):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,26 +14,33 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from gptmini.attention import ATTENTION_REGISTRY, WEIGHT_COMPATIBLE, build_attention, normalize_heads
+from gptmini.attention import ATTENTION_REGISTRY, build_attention, normalize_heads, weight_compatible_variants
 from gptmini.checkpoint import load_checkpoint
 from gptmini.cli import to_dataclass
-from gptmini.config import AttentionConfig, ModelConfig, RunConfig, TrainConfig
+from gptmini.config import AttentionConfig, RunConfig, TrainConfig
 from gptmini.model import GPT, MLP
-from gptmini.optim import NS_COEFFS, Muon, MuonWithAdamW, lr_at, make_optimizer, newton_schulz, ns_dtype, set_lr
+from gptmini.optim import (
+    NS_COEFFS,
+    Muon,
+    MuonWithAdamW,
+    lr_at,
+    make_optimizer,
+    newton_schulz,
+    ns_dtype,
+    ns_dtype_note,
+    set_lr,
+)
 from gptmini.trainer import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from model_helpers import tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every variant that can take QK-norm (torch_mha projects Q and K inside nn.MultiheadAttention).
 QK_NORM_VARIANTS = sorted(n for n in ATTENTION_REGISTRY if n != "torch_mha")
 
 
-def cfg(name: str = "mha", **overrides) -> ModelConfig:
-    attn = {"gqa": AttentionConfig("gqa", n_kv_head=2), "swa": AttentionConfig("swa", window=3)}.get(
-        name, AttentionConfig(name)
-    )
-    base = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=37, dropout=0.0, attention=attn)
-    base.update(overrides)
-    return ModelConfig(**base)
+cfg = tiny_config  # cfg(name, **overrides): the shared tiny model config (tests/model_helpers.py)
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +132,7 @@ def test_qk_norm_in_every_variant_matches_mha(name, pos):
         torch.testing.assert_close(want_y, qk_norm_reference(ref, x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("src", [n for n in WEIGHT_COMPATIBLE if n != "torch_mha"])
+@pytest.mark.parametrize("src", [n for n in weight_compatible_variants() if n != "torch_mha"])
 def test_qk_norm_model_state_dict_portable_to_mha(src):
     torch.manual_seed(0)
     model = GPT(cfg(src, qk_norm=True, pos_encoding="rope")).eval()
@@ -343,15 +351,90 @@ def test_set_lr_scales_every_group_from_its_own_peak():
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([0.001, 0.025])
 
 
-def test_ns_dtype_choice():
-    assert ns_dtype("auto", torch.device("cpu")) == torch.float32
-    assert ns_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert ns_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+# What torch.cpu.get_capabilities() reports on three kinds of CPU.
+AVX2_EPYC = {"architecture": "x86_64", "cpu_name": "AMD EPYC 7763", "avx2": True, "avx512_bf16": False}
+SAPPHIRE_RAPIDS = {"architecture": "x86_64", "cpu_name": "Intel Xeon Platinum 8480+", "avx2": True,
+                   "avx512_bf16": True, "amx_bf16": True}
+GRAVITON3 = {"architecture": "aarch64", "cpu_name": "Neoverse-V1", "neon": True, "bf16": True}
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Pretend to run on the CPU described by the dict passed to the returned function."""
+    import gptmini.device
+
+    def use(caps: dict) -> None:
+        monkeypatch.setattr(gptmini.device, "cpu_capabilities", lambda: caps)
+
+    return use
+
+
+@pytest.mark.parametrize(("caps", "want"), [(AVX2_EPYC, torch.float32), (SAPPHIRE_RAPIDS, torch.bfloat16),
+                                            (GRAVITON3, torch.bfloat16)])
+def test_ns_dtype_auto_follows_the_cpu(cpu, caps, want):
+    cpu(caps)
+    assert ns_dtype("auto", torch.device("cpu")) == want
+    note = ns_dtype_note("auto", torch.device("cpu"))
+    dtype = str(want).removeprefix("torch.")
+    assert note.startswith(f"muon Newton-Schulz dtype: {dtype} (auto: CPU {caps['cpu_name']} (")
+    assert note.endswith("has native bf16)" if want == torch.bfloat16 else "has no native bf16)")
+    run = run_config("optim.name=muon")  # auto by default
+    opt = make_optimizer(GPT(dataclasses.replace(run.model, vocab_size=20)), run, torch.device("cpu"))
+    assert opt.muon.ns_dtype == want
+
+
+def test_ns_dtype_auto_on_gpus(monkeypatch):
+    import gptmini.device
+
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(gptmini.device, "gpu_has_native_bf16", lambda device, native=native: native)
+        assert ns_dtype("auto", torch.device("cuda")) == want
+    assert ns_dtype("auto", torch.device("mps")) == torch.float32
+
+
+def test_ns_dtype_explicit_choices(cpu):
+    cpu(AVX2_EPYC)
+    assert ns_dtype("float32", torch.device("cpu")) == torch.float32
+    assert ns_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16  # as asked, with a hint in the note
+    assert "set by optim.muon_ns_dtype=bfloat16; CPU AMD EPYC 7763" in ns_dtype_note("bfloat16", torch.device("cpu"))
+    assert "float32 or auto may be faster" in ns_dtype_note("bfloat16", torch.device("cpu"))
     with pytest.raises(ValueError, match="optim.muon_ns_dtype='float16' is unknown; valid: auto, float32, bfloat16"):
         ns_dtype("float16", torch.device("cpu"))
     run = run_config("optim.name=muon", "optim.muon_ns_dtype=bfloat16")
     opt = make_optimizer(GPT(dataclasses.replace(run.model, vocab_size=20)), run, torch.device("cpu"))
     assert opt.muon.ns_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("text", "native"), [
+    ("processor\t: 0\nmodel name\t: AMD EPYC 7763\nflags\t\t: fpu sse2 avx avx2 fma\n", False),
+    ("processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile\n", True),
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n", True),
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n", False),
+])
+def test_cpuinfo_fallback_finds_native_bf16(monkeypatch, tmp_path, text, native):
+    """On a torch without torch.cpu.get_capabilities, the flags come from /proc/cpuinfo."""
+    import gptmini.device
+
+    (tmp_path / "cpuinfo").write_text(text)
+    monkeypatch.setattr(gptmini.device, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    caps = gptmini.device.cpu_capabilities.__wrapped__()  # uncached
+    assert gptmini.device.cpu_has_native_bf16(caps) is native
+    if "model name" in text:
+        assert gptmini.device.describe_cpu(caps).startswith(text.split(": ")[2].split("\n")[0])
+
+
+def test_real_cpu_detection_agrees_with_torch():
+    import gptmini.device
+
+    caps = torch.cpu.get_capabilities()
+    assert gptmini.device.cpu_has_native_bf16() == bool(caps.get("avx512_bf16") or caps.get("amx_bf16")
+                                                         or caps.get("bf16") or caps.get("sve_bf16"))
+    assert gptmini.device.describe_cpu().endswith(f"({torch.backends.cpu.get_cpu_capability()})")
+
+
+def test_speedrun_cpu_leaves_the_ns_dtype_to_the_hardware():
+    assert run_config("experiment=speedrun_cpu").optim.muon_ns_dtype == "auto"
 
 
 def test_unknown_optimizer_and_schedule_are_refused():

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptmini.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gptmini.checkpoint import CheckpointError, load_checkpoint, load_for_inference, save_checkpoint
 from gptmini.config import ModelConfig
-from gptmini.generation import load_for_inference
 from gptmini.model import GPT
 from gptmini.trainer import TrainingError, train
 
@@ -110,7 +109,7 @@ def test_a_new_run_never_overwrites_another_runs_checkpoints(tmp_path, corpus, r
     train(make_config(corpus, tmp_path / "data", "train.max_iters=5", "train.final_eval=false", "train.seed=7"), other)
     before = snapshot(run)
     value = "never" if resume == "never" else str(other / "checkpoints" / "last.pt")
-    with pytest.raises(TrainingError, match="already holds another run's checkpoints.*train.resume=auto"):
+    with pytest.raises(CheckpointError, match="already holds another run's checkpoints.*train.resume=auto"):
         train(make_config(corpus, tmp_path / "data", "train.max_iters=8", f"train.resume={value}"), run)
     assert snapshot(run) == before
 
@@ -133,7 +132,7 @@ def test_training_refuses_bad_config_before_writing_anything(tmp_path, corpus):
     run = tmp_path / "run"
     train(make_config(corpus, tmp_path / "data", "train.max_iters=5", "train.final_eval=false"), run)
     before = snapshot(run)
-    with pytest.raises(TrainingError, match="model.n_layer: checkpoint 2 vs now 3"):
+    with pytest.raises(CheckpointError, match="model.n_layer: checkpoint 2 vs now 3"):
         train(make_config(corpus, tmp_path / "data", "model.n_layer=3"), run)
     with pytest.raises(TrainingError, match="fewer than model.block_size"):
         train(make_config(corpus, tmp_path / "data", "model.block_size=4096", "train.resume=auto"), tmp_path / "x")

@@ -12,11 +12,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptmini.checkpoint import load_checkpoint
+from gptmini.checkpoint import CheckpointError, load_checkpoint
 from gptmini.cli import to_dataclass
 from gptmini.config import register_configs
 from gptmini.device import describe, mfu, peak_flops
-from gptmini.trainer import TrainingError, lr_at, make_optimizer, train
+from gptmini.optim import lr_at, make_optimizer
+from gptmini.trainer import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINABLE = ["wrapper", "mha", "fused_qkv", "einsum", "sdpa", "torch_mha", "gqa", "swa"]
@@ -108,7 +109,7 @@ def test_incompatible_resume_is_refused(tmp_path, corpus):
     run = tmp_path / "run"
     train(make_config(corpus, tmp_path / "data", "train.max_iters=5", "train.final_eval=false"), run)
     before = (run / "checkpoints" / "last.pt").read_bytes()
-    with pytest.raises(TrainingError, match=r"model.n_embd: checkpoint 32 vs now 64"):
+    with pytest.raises(CheckpointError, match=r"model.n_embd: checkpoint 32 vs now 64"):
         train(make_config(corpus, tmp_path / "data", "model.n_embd=64"), run)
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
@@ -137,6 +138,31 @@ def test_too_many_non_finite_steps_stop_training(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
     with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
         train(make_config(corpus, tmp_path / "data", "train.max_bad_steps=3"), tmp_path / "run")
+
+
+def test_non_finite_weights_are_never_saved_and_the_error_names_a_good_checkpoint(tmp_path, corpus, monkeypatch):
+    """An update that leaves finite loss and gradients but non-finite weights (a huge lr) must not reach a file."""
+    real_step, calls = torch.amp.GradScaler.step, {"n": 0}
+
+    def corrupting_step(self, optimizer, *args, **kwargs):
+        out = real_step(self, optimizer, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", corrupting_step)
+    run = tmp_path / "run"
+    cfg = make_config(corpus, tmp_path / "data", "train.ckpt_interval=1", "train.max_bad_steps=5",
+                      "train.eval_interval=0", "train.attn_interval=0", "train.sample_tokens=0")
+    last = run / "checkpoints" / "last.pt"
+    with pytest.raises(TrainingError, match=rf"non-finite by step 3, so last.pt was not saved; the last good "
+                                            rf"checkpoint is {last} \(step 2\)"):
+        train(cfg, run)
+    state = load_checkpoint(last)
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 def test_lr_schedule_shape(tmp_path, corpus):

@@ -1,0 +1,265 @@
+"""What every attention variant shares: the base class and its canonical state-dict layout, the registry, masks,
+RoPE and QK-norm, and the explicit softmax path that returns the attention weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptmini.attention.cache import LayerKVCache
+from gptmini.config import AttentionConfig, ModelConfig
+
+Rope = tuple[Tensor, Tensor]  # (cos, sin), each (T, head_dim // 2), for the positions of the current input
+
+# The AttentionConfig fields only some variants read; a variant lists the ones it reads in `Attention.reads`.
+OPTIONAL_KEYS = ("n_kv_head", "window")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def apply_rope(x: Tensor, rope: Rope | None) -> Tensor:
+    """Rotary position embedding on (..., T, hd), rotating the two halves of the head (GPT-NeoX layout)."""
+    if rope is None:
+        return x
+    cos, sin = rope  # (T, hd/2)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.type_as(x)
+
+
+def normalize_heads(x: Tensor) -> Tensor:
+    """QK-norm: each head's query or key vector (..., T, hd) scaled to unit RMS; no learned parameters, so state
+    dicts are unchanged and stay portable between variants."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def causal_keep_mask(q_len: int, k_len: int, device: torch.device, window: int | None = None) -> Tensor:
+    """Bool (q_len, k_len), True where query i may attend to key j.
+
+    Queries are the last `q_len` of `k_len` positions (the cache holds the earlier ones), so query i sits at
+    absolute position k_len - q_len + i and sees keys j <= that position (and, with a window, j > pos - window).
+    """
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+    keep = k_pos <= q_pos
+    if window is not None:
+        keep &= q_pos - k_pos < window
+    return keep
+
+
+def math_attention(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor, dropout: nn.Dropout
+) -> tuple[Tensor, Tensor]:
+    """Explicit softmax(QKᵀ/√d)V that also returns the weights; used whenever weights are asked for.
+
+    q (B, H, Tq, hd); k, v (B, H, Tk, hd) with as many heads as q; keep (Tq, Tk) bool.
+    """
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    weights = dropout(F.softmax(scores.float(), dim=-1).type_as(q))  # (B, H, Tq, Tk)
+    return weights @ v, weights  # (B, H, Tq, hd)
+
+
+def split_heads(x: Tensor, n_head: int) -> Tensor:
+    """(B, T, n_head*hd) -> (B, n_head, T, hd)"""
+    B, T, _ = x.shape
+    return x.view(B, T, n_head, -1).transpose(1, 2)
+
+
+def merge_heads(y: Tensor) -> Tensor:
+    """(B, H, T, hd) -> (B, T, H*hd)"""
+    B, H, T, hd = y.shape
+    return y.transpose(1, 2).contiguous().view(B, T, H * hd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry
+
+ATTENTION_REGISTRY: dict[str, type[Attention]] = {}
+
+
+def weight_compatible_variants() -> tuple[str, ...]:
+    """Registered variants whose state dicts are interchangeable and whose outputs agree for equal weights."""
+    return tuple(name for name, cls in ATTENTION_REGISTRY.items() if cls.weight_compatible)
+
+
+def register_attention(name: str) -> Callable[[type[Attention]], type[Attention]]:
+    def add(cls: type[Attention]) -> type[Attention]:
+        ATTENTION_REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+def attention_class(name: str) -> type[Attention]:
+    """The registered variant called `name`; a one-line error listing the valid names otherwise."""
+    if name not in ATTENTION_REGISTRY:
+        raise ValueError(
+            f"unknown attention variant {name!r} (model.attention.name); "
+            f"valid names: {', '.join(sorted(ATTENTION_REGISTRY))}"
+        )
+    return ATTENTION_REGISTRY[name]
+
+
+def check_attention_config(attention: AttentionConfig, complete: bool = True) -> None:
+    """Refuse, in one line, a variant that does not exist and settings the chosen variant would ignore, and (when
+    `complete`: the config is about to build a model) settings it needs but lacks."""
+    cls = attention_class(attention.name)
+    for key in OPTIONAL_KEYS:
+        value = getattr(attention, key)
+        if value is not None and key not in cls.reads:
+            readers = sorted(name for name, other in ATTENTION_REGISTRY.items() if key in other.reads)
+            users = f"; only {', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it" if readers else ""
+            choose = f" or choose model/attention={readers[0]}" if readers else ""
+            raise ValueError(
+                f"model.attention.{key}={value} is ignored by attention variant {attention.name!r}{users}: "
+                f"remove the setting{choose}"
+            )
+        if value is None and key in cls.needs and complete:
+            raise ValueError(
+                f"attention variant {attention.name!r} needs model.attention.{key} (a positive integer)"
+            )
+
+
+def build_attention(config: ModelConfig) -> Attention:
+    """The attention module named by `config.attention.name`."""
+    return attention_class(config.attention.name)(config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Base classes
+
+
+class Attention(nn.Module):
+    """Base class: configuration, output projection, dropout and the canonical state-dict layout."""
+
+    name = "base"
+    # True when this variant loads the canonical full-head state dict and computes what `mha` computes with it;
+    # variants that change the function (fewer key/value heads, a window) set it to False.
+    weight_compatible: ClassVar[bool] = True
+    # Which of OPTIONAL_KEYS this variant reads (a value set for any other key is refused), and which it needs.
+    reads: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.n_head = config.n_head
+        self.n_kv_head = self.kv_heads(config)
+        self.n_embd = config.n_embd
+        self.head_dim = config.head_dim
+        self.block_size = config.block_size
+        self.window: int | None = None  # only `swa` limits how far back a query sees
+        self.bias = config.bias
+        self.qk_norm = config.qk_norm
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # What one layer keeps per position in a KVCache: (heads, width). torch_mha caches its inputs instead.
+        self.cache_heads, self.cache_head_dim = self.n_kv_head, self.head_dim
+        self.register_state_dict_post_hook(_save_hook)
+        self.register_load_state_dict_pre_hook(_load_hook)
+
+    def kv_heads(self, config: ModelConfig) -> int:
+        """Key/value heads; only `gqa` uses fewer than the query heads."""
+        return config.n_head
+
+    def position_qk(self, x: Tensor, rope: Rope | None) -> Tensor:
+        """What happens to queries and keys (..., T, hd) before the dot product: QK-norm (when on), then RoPE."""
+        return apply_rope(normalize_heads(x) if self.qk_norm else x, rope)
+
+    # Subclasses whose internal layout differs from the canonical one override these two.
+    def _to_canonical(self, sd: dict[str, Tensor], prefix: str) -> None:
+        """Rewrite this module's entries of `sd` (keys start with `prefix`) into the canonical layout."""
+
+    def _from_canonical(self, sd: dict[str, Tensor], prefix: str) -> None:
+        """Rewrite canonical entries of `sd` into this module's own layout, in place."""
+
+    @classmethod
+    def check_device(cls, config: ModelConfig, device: torch.device, training: bool) -> None:
+        """Raise if this variant cannot run `config` on `device` (in training mode when `training`).
+
+        A classmethod, so the trainer can ask before it builds anything."""
+
+    def keep_mask(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
+        return causal_keep_mask(q_len, k_len, device, self.window)
+
+    # The same signature as gptmini.model.Block.forward, which passes its arguments straight through.
+    def forward(
+        self,
+        x: Tensor,
+        kv_cache: LayerKVCache | None = None,
+        return_weights: bool = False,
+        rope: Rope | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+
+def _save_hook(module: Attention, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    module._to_canonical(state_dict, prefix)
+
+
+def _load_hook(module: Attention, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    if prefix + "qkv.weight" in state_dict:
+        module._from_canonical(state_dict, prefix)
+
+
+class PackedQKVBase(Attention):
+    """Base of the variants that keep the canonical packed projection, one matmul for Q, K and V
+    (`fused_qkv`, `sdpa`, `gqa`, `swa`, `flex`); not a variant itself."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        kv_dim = self.n_kv_head * self.head_dim
+        self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
+
+    def project(
+        self, x: Tensor, kv_cache: LayerKVCache | None, rope: Rope | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, hd) and k, v (B, H_kv, T_total, hd), with RoPE applied and the cache updated."""
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([self.n_embd, kv_dim, kv_dim], dim=2)  # (B, T, C), (B, T, C_kv) x2
+        q, k, v = split_heads(q, self.n_head), split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
+        q, k = self.position_qk(q, rope), self.position_qk(k, rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        return q, k, v
+
+    def weights_path(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The explicit math path, used when the caller wants the attention weights."""
+        groups = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
+        return math_attention(q, k, v, self.keep_mask(q.size(2), k.size(2), q.device), self.attn_dropout)
+
+
+class SeparateQKVBase(Attention):
+    """Base of the variants with three (C, C) projections `q_proj`, `k_proj`, `v_proj` (`mha`, `einsum`),
+    stacked into the canonical `qkv` in the state dict; not a variant itself."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        C = config.n_embd
+        self.q_proj = nn.Linear(C, C, bias=config.bias)
+        self.k_proj = nn.Linear(C, C, bias=config.bias)
+        self.v_proj = nn.Linear(C, C, bias=config.bias)
+
+    def _to_canonical(self, sd, prefix):
+        for suffix in ("weight", "bias"):
+            parts = [sd.pop(f"{prefix}{p}_proj.{suffix}", None) for p in "qkv"]
+            if parts[0] is not None:
+                sd[f"{prefix}qkv.{suffix}"] = torch.cat(parts, dim=0)
+
+    def _from_canonical(self, sd, prefix):
+        for suffix in ("weight", "bias"):
+            fused = sd.pop(f"{prefix}qkv.{suffix}", None)
+            if fused is not None:
+                for p, part in zip("qkv", fused.chunk(3, dim=0), strict=True):
+                    sd[f"{prefix}{p}_proj.{suffix}"] = part

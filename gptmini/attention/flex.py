@@ -1,0 +1,94 @@
+"""The `flex` variant: FlexAttention with a causal block mask (compiled kernels on GPUs)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gptmini.attention.core import PackedQKVBase, merge_heads, register_attention
+from gptmini.config import ModelConfig
+
+
+@register_attention("flex")
+class FlexAttention(PackedQKVBase):
+    """FlexAttention with a causal block mask (compiled kernels on GPUs).
+
+    torch 2.13 has no FlexAttention backward on CPU and no dropout inside it: training on CPU, or with
+    dropout > 0, is refused with a message; inference works everywhere. Its mask has no window
+    (model.attention.window is refused; `swa` has one).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self._block_masks: dict[tuple[int, int, str], Any] = {}
+
+    # Inductor's FlexAttention kernel refuses smaller heads ("NYI: embedding dimension of the query, key, and
+    # value must be at least 16"), so a GPU run with them is refused before any work.
+    MIN_GPU_HEAD_DIM = 16
+
+    @classmethod
+    def check_device(cls, config: ModelConfig, device: torch.device, training: bool) -> None:
+        device = torch.device(device)
+        if training and device.type == "cpu":
+            raise ValueError(
+                "attention variant 'flex' cannot train on CPU: torch has no FlexAttention backward on CPU; "
+                "use a GPU, or another variant such as model/attention=sdpa (inference with flex works on CPU)"
+            )
+        if training and config.dropout > 0:
+            raise ValueError(
+                f"attention variant 'flex' has no attention dropout; set model.dropout=0 "
+                f"(got {config.dropout}) or use another variant"
+            )
+        if device.type == "cuda" and config.head_dim < cls.MIN_GPU_HEAD_DIM:
+            raise ValueError(
+                f"attention variant 'flex' needs a head size of at least {cls.MIN_GPU_HEAD_DIM} on GPUs, got "
+                f"model.n_embd/model.n_head={config.n_embd}/{config.n_head}={config.head_dim}; use fewer heads, "
+                f"a wider model, or another variant such as model/attention=sdpa"
+            )
+
+    def block_mask(self, q_len: int, k_len: int, device: torch.device) -> Any:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if q_len == 1:
+            return None  # a single new token may see every cached position
+        key = (q_len, k_len, str(device))
+        if key not in self._block_masks:
+            offset = k_len - q_len
+
+            def causal(b, h, q_idx, kv_idx):
+                return q_idx + offset >= kv_idx
+
+            self._block_masks[key] = create_block_mask(causal, None, None, q_len, k_len, device=device)
+        return self._block_masks[key]
+
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+        if torch.is_grad_enabled() and x.device.type == "cpu":
+            raise RuntimeError(
+                "attention variant 'flex' has no backward on CPU in this torch: run inference under "
+                "torch.no_grad(), or train with a GPU or another variant such as model/attention=sdpa"
+            )
+        if self.training:
+            self.check_device(self.config, x.device, training=True)
+        q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H, Tk, hd) x2
+        if return_weights:
+            y, weights = self.weights_path(q, k, v)
+            return self.out_proj(merge_heads(y)), weights
+        y = _flex_kernel(x.device.type)(q, k, v, block_mask=self.block_mask(q.size(2), k.size(2), x.device))
+        return self.out_proj(merge_heads(y)), None
+
+
+@functools.cache
+def _flex_kernel(device_type: str) -> Callable[..., Tensor]:
+    """flex_attention, compiled into a fused kernel on GPUs; eager (unfused, for inference) on CPU."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type == "cpu":
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention
+    return torch.compile(flex_attention, dynamic=False)

@@ -1,0 +1,275 @@
+"""The attention variants that run everywhere: mha (the reference), wrapper, fused_qkv, einsum, sdpa (the
+default), gqa, swa and torch_mha. `flex` lives in gptmini.attention.flex."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptmini.attention.core import (
+    Attention,
+    PackedQKVBase,
+    SeparateQKVBase,
+    math_attention,
+    merge_heads,
+    register_attention,
+)
+from gptmini.config import ModelConfig
+
+
+@register_attention("mha")
+class MultiHeadAttention(SeparateQKVBase):
+    """The textbook split-head module, written out step by step. This is the reference every variant is
+    tested against."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        # True above the diagonal: the future positions each query must not see. Not persistent: never saved.
+        mask = torch.triu(torch.ones(config.block_size, config.block_size, dtype=torch.bool), diagonal=1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        q, k = self.position_qk(q, rope), self.position_qk(k, rope)
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(k, v)  # (B, H, start+T, hd)
+        scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, H, T, start+T)
+        scores = scores.masked_fill(self.mask[start : start + T, : start + T], float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        weights = self.attn_dropout(weights)
+        y = weights @ v  # (B, H, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.out_proj(y), (weights if return_weights else None)
+
+
+class CausalHead(nn.Module):
+    """One head of causal attention, as in the first chapter of every attention tutorial."""
+
+    def __init__(self, n_embd: int, head_dim: int, bias: bool, dropout: nn.Dropout) -> None:
+        super().__init__()
+        self.query = nn.Linear(n_embd, head_dim, bias=bias)
+        self.key = nn.Linear(n_embd, head_dim, bias=bias)
+        self.value = nn.Linear(n_embd, head_dim, bias=bias)
+        self.dropout = dropout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, Tq, Tk)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        weights = self.dropout(torch.softmax(scores, dim=-1))
+        return weights @ v, weights  # (B, Tq, hd)
+
+
+@register_attention("wrapper")
+class WrapperAttention(Attention):
+    """`n_head` independent single-head modules; their outputs are concatenated, then projected."""
+
+    # Each head's projections, in the order the canonical `qkv` stacks them.
+    _LAYERS = ("query", "key", "value")
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.heads = nn.ModuleList(
+            CausalHead(config.n_embd, self.head_dim, config.bias, self.attn_dropout)
+            for _ in range(config.n_head)
+        )
+
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+        qs = [self.position_qk(h.query(x), rope) for h in self.heads]  # n_head x (B, T, hd)
+        k = torch.stack([self.position_qk(h.key(x), rope) for h in self.heads], dim=1)  # (B, H, T, hd)
+        v = torch.stack([h.value(x) for h in self.heads], dim=1)  # (B, H, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # (B, H, Tk, hd)
+        keep = self.keep_mask(x.size(1), k.size(2), x.device)
+        outs = [
+            head(q, k[:, i], v[:, i], keep) for i, (head, q) in enumerate(zip(self.heads, qs, strict=True))
+        ]
+        y = torch.cat([o for o, _ in outs], dim=-1)  # (B, T, C)
+        weights = torch.stack([w for _, w in outs], dim=1) if return_weights else None
+        return self.out_proj(y), weights
+
+    def _to_canonical(self, sd, prefix):
+        for suffix in ("weight", "bias"):
+            blocks = []
+            for layer in self._LAYERS:
+                parts = [sd.pop(f"{prefix}heads.{i}.{layer}.{suffix}", None) for i in range(self.n_head)]
+                if parts[0] is None:
+                    break
+                blocks.append(torch.cat(parts, dim=0))
+            if blocks:
+                sd[f"{prefix}qkv.{suffix}"] = torch.cat(blocks, dim=0)
+
+    def _from_canonical(self, sd, prefix):
+        for suffix in ("weight", "bias"):
+            fused = sd.pop(f"{prefix}qkv.{suffix}", None)
+            if fused is None:
+                continue
+            for layer, block in zip(self._LAYERS, fused.chunk(3, dim=0), strict=True):
+                for i, part in enumerate(block.chunk(self.n_head, dim=0)):
+                    sd[f"{prefix}heads.{i}.{layer}.{suffix}"] = part
+
+
+@register_attention("fused_qkv")
+class FusedQKV(PackedQKVBase):
+    """The `fused_qkv` variant: as `mha`, with one (C, 3C) projection instead of three."""
+
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+        q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H, Tk, hd) x2
+        y, weights = math_attention(
+            q, k, v, self.keep_mask(q.size(2), k.size(2), x.device), self.attn_dropout
+        )
+        return self.out_proj(merge_heads(y)), (weights if return_weights else None)
+
+
+@register_attention("einsum")
+class EinsumAttention(SeparateQKVBase):
+    """As `mha`, with every contraction (projections included) written as `torch.einsum`."""
+
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+        B, T, C = x.shape
+        H, hd = self.n_head, self.head_dim
+
+        def project(layer: nn.Linear) -> Tensor:
+            w = layer.weight.view(H, hd, C)
+            out = torch.einsum("btc,hdc->bhtd", x, w)  # (B, H, T, hd)
+            return out if layer.bias is None else out + layer.bias.view(1, H, 1, hd)
+
+        q, k, v = project(self.q_proj), project(self.k_proj), project(self.v_proj)
+        q, k = self.position_qk(q, rope), self.position_qk(k, rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        keep = self.keep_mask(T, k.size(2), x.device)
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(hd)  # (B, H, T, Tk)
+        weights = self.attn_dropout(torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1))
+        y = torch.einsum("bhqk,bhkd->bqhd", weights, v).reshape(B, T, C)  # (B, T, C)
+        out = torch.einsum("btc,oc->bto", y, self.out_proj.weight)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias
+        return out, (weights if return_weights else None)
+
+
+@register_attention("sdpa")
+class SDPAttention(PackedQKVBase):
+    """PyTorch's fused `scaled_dot_product_attention`: flash / memory-efficient kernels on CUDA and ROCm.
+    The default. Also the base of `gqa` and `swa`, which only change the key/value heads or the mask."""
+
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+        q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H_kv, Tk, hd) x2
+        if return_weights:
+            y, weights = self.weights_path(q, k, v)
+            return self.out_proj(merge_heads(y)), weights
+        T, Tk = q.size(2), k.size(2)
+        dropout_p = self.attn_dropout.p if self.training else 0.0
+        if T == Tk and self.window is None:
+            mask, causal = None, True  # the fast path: no mask tensor at all
+        elif T == 1 and self.window is None:
+            mask, causal = None, False  # one new token sees the whole cache
+        else:
+            mask, causal = self.keep_mask(T, Tk, x.device), False
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            is_causal=causal,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, H, T, hd)
+        return self.out_proj(merge_heads(y)), None
+
+
+@register_attention("gqa")
+class GroupedQueryAttention(SDPAttention):
+    """Grouped-query attention: `n_kv_head` key/value heads shared by groups of query heads
+    (`n_kv_head=1` is multi-query attention). The KV cache shrinks by n_head / n_kv_head."""
+
+    weight_compatible = False
+    reads = ("n_kv_head",)
+
+    def kv_heads(self, config: ModelConfig) -> int:
+        return config.n_kv_head
+
+
+@register_attention("swa")
+class SlidingWindowAttention(SDPAttention):
+    """Causal attention over the last `window` tokens only (Mistral-style local attention)."""
+
+    weight_compatible = False
+    reads = needs = ("window",)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        if config.attention.window is None:
+            raise ValueError("attention variant 'swa' needs model.attention.window (a positive integer)")
+        self.window = config.attention.window
+
+
+@register_attention("torch_mha")
+class TorchMultiheadAttention(Attention):
+    """`torch.nn.MultiheadAttention`, used as is: its own in- and out-projections are the only ones.
+
+    nn.MultiheadAttention projects keys and values itself, so for generation this variant caches the layer
+    inputs (as a single "head" of width C) and lets the module re-project them.
+    """
+
+    # canonical name -> nn.MultiheadAttention's name
+    _NAMES = (
+        ("qkv.weight", "mha.in_proj_weight"),
+        ("qkv.bias", "mha.in_proj_bias"),
+        ("out_proj.weight", "mha.out_proj.weight"),
+        ("out_proj.bias", "mha.out_proj.bias"),
+    )
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        for option, setting, off in (("RoPE", config.pos_encoding == "rope", "pos_encoding=learned"),
+                                     ("QK-norm", config.qk_norm, "model.qk_norm=false")):
+            if setting:
+                raise ValueError(
+                    f"attention variant 'torch_mha' cannot apply {option} (nn.MultiheadAttention projects Q and K "
+                    f"internally); use {off} or another variant"
+                )
+        del self.out_proj  # nn.MultiheadAttention brings its own
+        self.mha = nn.MultiheadAttention(
+            config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias, batch_first=True
+        )
+        self.cache_heads, self.cache_head_dim = 1, config.n_embd
+
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+        T = x.size(1)
+        context = x
+        if kv_cache is not None:
+            context, _ = kv_cache.update(x.unsqueeze(1), x.unsqueeze(1))  # (B, 1, Tk, C)
+            context = context.squeeze(1)  # (B, Tk, C)
+        Tk = context.size(1)
+        block = ~self.keep_mask(T, Tk, x.device)  # True = may not attend
+        y, weights = self.mha(
+            x,
+            context,
+            context,
+            attn_mask=block,
+            need_weights=return_weights,
+            average_attn_weights=False,
+            is_causal=(T == Tk and not return_weights),
+        )
+        return y, weights
+
+    def _to_canonical(self, sd, prefix):
+        _rename(sd, prefix, {theirs: ours for ours, theirs in self._NAMES})
+
+    def _from_canonical(self, sd, prefix):
+        _rename(sd, prefix, dict(self._NAMES))
+
+
+def _rename(sd: dict[str, Tensor], prefix: str, names: dict[str, str]) -> None:
+    for old, new in names.items():
+        if prefix + old in sd:
+            sd[prefix + new] = sd.pop(prefix + old)

@@ -1,0 +1,166 @@
+"""Where a preparation writes: a temporary folder beside the dataset, swapped in by renames when complete.
+
+Temporary folders are named `.<name>.tmp-<pid>@<host>-<random>`: a preparation killed before it could clean
+up leaves one, and the next preparation on the same machine removes it once that process is gone. OS errors
+while writing become one `DataError` line naming `data_dir=`, and the earlier dataset stays as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import BinaryIO
+
+from gptmini.data.format import SPLIT_NAMES, DataError, bin_path
+
+HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+# A full disk or quota: when converting the corpus into the data folder hits one, data_dir is to blame.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+OWNED = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>[A-Za-z0-9_.]+)-[^/]*")
+
+Log = Callable[[str], None]
+
+
+class DataDirError(DataError, OSError):
+    """data_dir cannot be written (read-only, full, not a folder): a user error, and still an OSError."""
+
+    def __init__(self, data_dir: str | Path, cause: OSError) -> None:
+        reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        where = f" ({cause.filename})" if cause.filename else ""
+        super().__init__(
+            f"data_dir={str(data_dir)!r} cannot be written: {reason}{where}; "
+            f"choose a writable data_dir= with free space (nothing of an earlier dataset was changed)"
+        )
+        self.errno = cause.errno
+
+
+@contextmanager
+def writes_to(data_dir: Path, errnos: tuple[int, ...] | None = None) -> Iterator[None]:
+    """OSErrors of the block (those with one of `errnos`, when given) as a `DataDirError` naming data_dir."""
+    try:
+        yield
+    except DataError:
+        raise
+    except OSError as err:
+        if errnos is not None and err.errno not in errnos:
+            raise
+        raise DataDirError(data_dir, err) from err
+
+
+def check_data_dir(data_dir: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data_dir={str(data_dir)!r} is a file, not a folder; choose a folder for data_dir=")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _prefix(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{os.getpid()}@{HOST}-"
+
+
+def make_tmp(data_dir: Path, name: str) -> Path:
+    """A new, empty temporary folder for dataset `name`, named after this process."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(name, "tmp"), dir=data_dir))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the prepared folder is as shareable as any
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end the process there: never call a folder stale
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale(data_dir: Path, name: str, log: Log) -> None:
+    """Remove what killed preparations of `name` on this machine left: temporary folders whose process is gone.
+
+    A live preparation's folder, and any folder made on another machine (a shared data_dir), stays.
+    """
+    if not data_dir.is_dir():
+        return
+    for found in sorted(glob.glob(os.path.join(glob.escape(str(data_dir)), f".{glob.escape(name)}.*-*"))):
+        match = OWNED.fullmatch(os.path.basename(found))
+        if not match or match["name"] != name or match["host"] != HOST or _alive(int(match["pid"])):
+            continue
+        if match["kind"] == "old" and not (data_dir / name).exists():
+            continue  # killed mid-swap: this is the previous dataset, keep it
+        shutil.rmtree(found, ignore_errors=True)
+        if not os.path.exists(found):
+            log(f"data: removed {found}, left by an interrupted preparation (process {match['pid']} is gone)")
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` with renames: a crash leaves the old folder, the new one, or none; never a mix."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=_prefix(out.name, "old"), dir=out.parent))  # empty: a rename replaces it
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)  # put the earlier dataset back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class SplitFiles:
+    """train.bin and val.bin of a folder, open for appending bytes; synced to disk when the block ends cleanly.
+
+    Only the writes are guarded: an OSError of the caller's own (e.g. reading a corpus) passes unchanged.
+    """
+
+    def __init__(self, folder: Path, data_dir: Path) -> None:
+        self.folder, self.data_dir = folder, data_dir
+        self.files: dict[str, BinaryIO] = {}
+
+    def __enter__(self) -> SplitFiles:
+        try:
+            with writes_to(self.data_dir):
+                for split in SPLIT_NAMES:
+                    self.files[split] = open(bin_path(self.folder, split), "wb")
+        except DataError:
+            self._close()
+            raise
+        return self
+
+    def write(self, split: str, data: bytes) -> None:
+        try:
+            self.files[split].write(data)
+        except OSError as err:
+            raise DataDirError(self.data_dir, err) from err
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                with writes_to(self.data_dir):
+                    for f in self.files.values():
+                        f.flush()
+                        os.fsync(f.fileno())  # a full disk may only show here
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        for f in self.files.values():
+            with suppress(OSError):  # unwritten buffers of a failed preparation: its folder is deleted anyway
+                f.close()

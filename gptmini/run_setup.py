@@ -1,0 +1,127 @@
+"""Everything a training run needs before its first step, built and checked before anything is written.
+
+`build_run` resolves the device and precision, prepares (or reuses) the data, builds the model and the optimizer
+and loads the checkpoint to resume from. Each of these can fail on bad input; all of them run before the trainer
+writes its first file into the run directory, so a bad request never touches an earlier run's files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptmini import data as data_lib
+from gptmini.attention import ATTENTION_REGISTRY
+from gptmini.checkpoint import check_compatible, checkpoint_dir, load_checkpoint, resume_path
+from gptmini.config import ModelConfig, RunConfig
+from gptmini.device import DeviceInfo, describe, resolve_device, resolve_dtype
+from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_state, resolve_strategy, wrap_model
+from gptmini.model import GPT
+from gptmini.optim import make_optimizer, ns_dtype_note
+from gptmini.tokenizer import Tokenizer
+
+
+class TrainingError(ValueError):
+    """Training cannot start or continue; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    env: DistEnv
+    device: torch.device
+    dtype: torch.dtype
+    info: DeviceInfo
+    strategy: str  # none | ddp | fsdp
+
+
+@dataclass
+class RunData:
+    tokenizer: Tokenizer
+    train: np.ndarray  # token ids
+    val: np.ndarray
+
+
+@dataclass
+class RunParts:
+    """What `build_run` made; the trainer takes it from here."""
+
+    hw: Hardware
+    data: RunData
+    model_cfg: ModelConfig  # cfg.model with the data's vocabulary size
+    model: GPT
+    wrapped: torch.nn.Module  # what the training step calls: DDP(model), or model itself (FSDP shards in place)
+    optimizer: Any
+    resume: dict[str, Any] | None  # the checkpoint to continue from
+    notes: list[str]  # start-up lines for the log
+
+
+def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
+    hw = resolve_hardware(cfg, env)
+    notes = [f"device: {hw.info.backend}; dtype: {str(hw.dtype).removeprefix('torch.')}"]
+    if env.enabled:
+        notes.append(f"distributed: {env.world_size} processes, strategy {hw.strategy}")
+    if cfg.optim.name == "muon":
+        notes.append(ns_dtype_note(cfg.optim.muon_ns_dtype, hw.device))
+    # Refuse what the attention variant cannot do here (flex on CPU, ...) before preparing any data.
+    ATTENTION_REGISTRY[cfg.model.attention.name].check_device(cfg.model, hw.device, training=True)
+    data = load_data(cfg, env)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
+    check_split_sizes(data, model_cfg.block_size)
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = GPT(model_cfg).to(hw.device)
+    resume, resume_from = load_resume(cfg, run_dir, env, model_cfg, data.tokenizer)
+    if resume is not None:
+        notes.append(f"resumed from {resume_from} at step {resume['step']}")
+        model.load_state_dict(resume["model"])
+    wrapped = wrap_model(model, hw.strategy, hw.device)  # FSDP shards `model` in place: build the optimizer after
+    optimizer = make_optimizer(model, cfg, hw.device)
+    if resume is not None:
+        load_optimizer_state(model, optimizer, resume["optimizer"], hw.strategy)
+    return RunParts(hw=hw, data=data, model_cfg=model_cfg, model=model, wrapped=wrapped, optimizer=optimizer,
+                    resume=resume, notes=notes)
+
+
+def resolve_hardware(cfg: RunConfig, env: DistEnv) -> Hardware:
+    strategy = resolve_strategy(cfg.train.strategy, env)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and env.enabled:
+        device = torch.device("cuda", env.local_rank)
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    return Hardware(env=env, device=device, dtype=dtype, info=describe(device), strategy=strategy)
+
+
+def load_data(cfg: RunConfig, env: DistEnv) -> RunData:
+    """One process per machine prepares the data; the others then find it up to date."""
+    if env.local_rank == 0:
+        prepared = data_lib.prepare(cfg.data, cfg.data_dir)
+    barrier(env)
+    if env.local_rank != 0:
+        prepared = data_lib.prepare(cfg.data, cfg.data_dir, log=lambda _: None)
+    return RunData(tokenizer=prepared.tokenizer, train=prepared.train_tokens(), val=prepared.val_tokens())
+
+
+def check_split_sizes(data: RunData, block_size: int) -> None:
+    for split, tokens in (("train", data.train), ("val", data.val)):
+        if len(tokens) < block_size + 1:
+            raise TrainingError(
+                f"the {split} split has {len(tokens)} tokens, fewer than model.block_size+1="
+                f"{block_size + 1}; use more data or a smaller model.block_size"
+            )
+
+
+def load_resume(
+    cfg: RunConfig, run_dir: Path, env: DistEnv, model_cfg: ModelConfig, tokenizer: Tokenizer
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint `train.resume` asks for (rank 0 reads it, every rank gets it), checked against the run."""
+    path = resume_path(cfg.train.resume, checkpoint_dir(run_dir))
+    if path is None:
+        return None, None
+    state = broadcast(load_checkpoint(path) if env.is_main else None, env)
+    check_compatible(state, model_cfg, tokenizer.spec())
+    return state, path
