@@ -423,9 +423,9 @@ def test_unknown_variant_lists_valid_names():
         assert name in message
 
 
-def test_swa_needs_a_window():
-    with pytest.raises(ValueError, match="needs model.attention.window"):
-        build_attention(config("mha", attention=AttentionConfig("swa")))
+def test_swa_without_a_window_gets_the_default_one():
+    module = build_attention(config("mha", attention=AttentionConfig("swa")))
+    assert module.window == 64  # SWA_DEFAULT_WINDOW, filled in by ModelConfig and recorded there
 
 
 def test_settings_a_variant_ignores_are_refused():
