@@ -1,7 +1,10 @@
 """gptmini: a small, fast, hackable GPT training framework.
 
-from gptmini import GPT, ModelConfig
-model = GPT(ModelConfig(vocab_size=65, attention=AttentionConfig(name="mha")))
+    from gptmini import GPT, AttentionConfig, ModelConfig
+    model = GPT(ModelConfig(vocab_size=65, attention=AttentionConfig(name="mha")))
+
+Training: `gptmini.trainer.train(run_config, run_dir)`; sampling: `gptmini.generation.run_generation(config)`;
+checkpoints: `gptmini.checkpoint.load_for_inference(path)`.
 """
 
 from gptmini.attention import (
