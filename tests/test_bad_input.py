@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -116,8 +117,15 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
 
 
 def run_case(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run one case. Cases run three at a time and many point at the same earlier run, whose lock admits one
+    training process at a time: a case refused for that reason (the lock doing its job) is run again."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(20):
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        if "is in use by another training process" not in result.stderr:
+            return result
+        time.sleep(0.5)
+    return result
 
 
 @pytest.mark.slow
