@@ -71,11 +71,6 @@ def run_command(config_name: str, fn: Callable[..., Any], with_run_dir: bool = F
     main()
 
 
-def hydra_main(config_name: str, fn: Callable[[Any], Any]) -> None:
-    """`run_command` for the `python -m gptmini.<module>` commands."""
-    run_command(config_name, fn)
-
-
 def prepare_train_launch() -> None:
     """Make every torchrun rank agree on one run directory before Hydra creates it.
 
@@ -123,16 +118,20 @@ def _hydra_errors() -> type[BaseException]:
 
 
 def _compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """The typed config (validated), with Hydra's own node when it resolves, for the run-directory check."""
+    """Compose once with Hydra's own node (for the run-directory check); the rest must build the typed config."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
 
     from gptmini.config import register_configs
 
     register_configs()
-    job = [arg for arg in overrides if not arg.lstrip("+~").startswith("hydra.")]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        to_dataclass(compose(config_name, overrides=job))
-        return compose(config_name, overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    job = cfg.copy()
+    with open_dict(job):
+        del job["hydra"]
+    to_dataclass(job)
+    return cfg
 
 
 def _sweep_variants(overrides: list[str]) -> list[list[str]]:

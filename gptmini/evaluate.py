@@ -103,6 +103,6 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
 
 
 if __name__ == "__main__":
-    from gptmini.cli import hydra_main
+    from gptmini.cli import run_command
 
-    hydra_main("evaluate", run_evaluation)
+    run_command("evaluate", run_evaluation)

@@ -66,21 +66,23 @@ def run_outputs(run_dir: Path, is_main: bool) -> Iterator[tuple[logging.Logger, 
     instead of burying the original error under another traceback.
     """
     log = setup_logger(run_dir) if is_main else quiet_logger()
-    tb = None
+    tb, failing = None, False
     try:
         tb = TensorBoard(run_dir, enabled=is_main)
         yield log, tb
     except BaseException:
-        if tb is not None:
-            try:
-                tb.close()
-            except OSError as err:
-                log.warning(f"could not finish the TensorBoard events in {run_dir}: {err}")
-        close_logger(log)
+        failing = True
         raise
-    if tb is not None:
-        tb.close()
-    close_logger(log)
+    finally:
+        try:
+            if tb is not None:
+                tb.close()
+        except OSError as err:
+            if not failing:
+                raise
+            log.warning(f"could not finish the TensorBoard events in {run_dir}: {err}")
+        finally:
+            close_logger(log)
 
 
 def progress_bar(start: int, total: int, enabled: bool = True) -> Any:

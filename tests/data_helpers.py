@@ -51,6 +51,18 @@ def listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def prepared_then_changed(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
+    """A 10-document corpus prepared into tmp_path/data, then one source file changed (so the next prepare
+    rewrites). Returns (data_dir, the dataset folder, its files' bytes before)."""
+    make_docs(tmp_path / "corpus", 10)
+    data = tmp_path / "data"
+    run(cfg_for(tmp_path / "corpus"), data)
+    out = data / "corpus"
+    before = {name: (out / name).read_bytes() for name in listing(out)}
+    (tmp_path / "corpus" / "doc_000.txt").write_text("changed\n")
+    return data, out, before
+
+
 def file_ids(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
 

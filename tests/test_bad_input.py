@@ -48,6 +48,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     train(make_config(corpus, root / "data", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
                       "model.block_size=16", "train.max_iters=2", "train.final_eval=false"), run)
     (root / "notes.txt").write_text("not a checkpoint")
+    (root / "null_text.jsonl").write_text('{"text": "ok"}\n{"text": null}\n')
     good = (run / "checkpoints" / "last.pt").read_bytes()
     (root / "truncated.pt").write_bytes(good[: len(good) // 2])
     return {"root": root, "corpus": corpus, "run": run}
@@ -62,6 +63,10 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
                 f"hydra.run.dir={run}", *TINY, *args]
 
     gen = [*GENERATE, f"ckpt={run}", "max_new_tokens=5"]
+
+    def elsewhere(*args: str) -> list[str]:  # train.py with its own run directory (or a sweep's)
+        return [*TRAIN, "data=text", f"data.path={w['corpus']}", f"data_dir={root / 'data'}", *TINY, *args]
+
     return [
         ("train: unknown config group", trainer("optimizer=adam"), "optimizer"),
         ("train: unknown group option", trainer("model=gpt5"), "gpt5"),
@@ -113,6 +118,11 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
                                       f"data_dir={root / 'notes.txt'}"], "data_dir="),
         ("data: data_dir below a file", [*DATA, "data=text", f"data.path={w['corpus']}",
                                          f"data_dir={root / 'notes.txt' / 'sub'}"], "Not a directory"),
+        ("train: run directory is a file", elsewhere(f"hydra.run.dir={root / 'notes.txt'}"),
+         "is a file, not a directory"),
+        ("train: bad value inside a sweep", elsewhere("-m", "train.grad_accum=1,0"), "train.grad_accum=0"),
+        ("data: jsonl text field null", [*DATA, "data=text", f"data.path={root / 'null_text.jsonl'}",
+                                         f"data_dir={root / 'd4'}"], "data.text_field="),
     ]
 
 

@@ -16,7 +16,16 @@ from gptmini.data import DataError, preparation, sources, staging
 from gptmini.data import format as format_lib
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_helpers import assert_nothing_written, cfg_for, listing, make_docs, run, split_docs, text_of  # noqa: E402
+from data_helpers import (  # noqa: E402
+    assert_nothing_written,
+    cfg_for,
+    listing,
+    make_docs,
+    prepared_then_changed,
+    run,
+    split_docs,
+    text_of,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: one clear error each, nothing written
@@ -254,12 +263,7 @@ def break_disk(monkeypatch, where: str, data: Path) -> None:
 
 @pytest.mark.parametrize("where", ["writing train.bin", "syncing the .bin files", "writing meta.json", "swapping in"])
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_dataset(tmp_path, monkeypatch, where):
-    make_docs(tmp_path / "corpus", 10)
-    data = tmp_path / "data"
-    run(cfg_for(tmp_path / "corpus"), data)
-    out = data / "corpus"
-    before = {name: (out / name).read_bytes() for name in listing(out)}
-    (tmp_path / "corpus" / "doc_000.txt").write_text("changed\n")
+    data, out, before = prepared_then_changed(tmp_path)
     with monkeypatch.context() as patch:
         break_disk(patch, where, data)
         with pytest.raises(DataError) as err:

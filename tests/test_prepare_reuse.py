@@ -16,7 +16,7 @@ from gptmini import data as data_lib
 from gptmini.data import DataError, load_prepared, preparation, staging
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data_helpers import cfg_for, file_ids, listing, make_docs, run, split_docs, text_of  # noqa: E402
+from data_helpers import cfg_for, file_ids, listing, make_docs, prepared_then_changed, run, split_docs, text_of  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
 # Cache hits, re-preparation, interruption
@@ -126,12 +126,7 @@ prepare(DataConfig(name="corpus", source="files", path=sys.argv[1]), sys.argv[2]
 
 @pytest.mark.skipif(os.name == "nt", reason="SIGKILL and os.kill(pid, 0) are POSIX")
 def test_a_killed_preparation_leaves_a_folder_the_next_one_removes(tmp_path):
-    make_docs(tmp_path / "corpus", 10)
-    data = tmp_path / "data"
-    run(cfg_for(tmp_path / "corpus"), data)
-    out = data / "corpus"
-    before = {name: (out / name).read_bytes() for name in listing(out)}
-    (tmp_path / "corpus" / "doc_000.txt").write_text("changed\n")
+    data, out, before = prepared_then_changed(tmp_path)
     killed = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path / "corpus"), str(data)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, stderr = killed.communicate(timeout=300)
