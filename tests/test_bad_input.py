@@ -122,7 +122,7 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "is a file, not a directory"),
         ("train: bad value inside a sweep", elsewhere("-m", "train.grad_accum=1,0"), "train.grad_accum=0"),
         ("data: jsonl text field null", [*DATA, "data=text", f"data.path={root / 'null_text.jsonl'}",
-                                         f"data_dir={root / 'd4'}"], "data.text_field="),
+                                         f"data_dir={root / 'd2'}"], "data.text_field="),
     ]
 
 
