@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass, field
 
 POS_ENCODINGS = ("learned", "rope")
-MLP_KINDS = ("gelu", "relu2")
+MLP_KINDS = ("gelu", "gelu_tanh", "relu2")
+# `model.init_from` names: the four OpenAI GPT-2 sizes on the Hugging Face hub (gptmini.pretrained loads them).
+PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 NS_DTYPES = ("auto", "float32", "bfloat16")
 MAX_SEED = 2**31 - 1  # numpy seeds must stay below 2**32, and the trainer adds the rank
 
@@ -96,6 +98,19 @@ def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionC
     return attention
 
 
+def check_init_from(ref: object) -> None:
+    """`model.init_from` must be one of PRETRAINED_NAMES or look like a path. Only the spelling is checked, never the
+    file system: a checkpoint records the value and must stay loadable after the folder is gone."""
+    is_path = isinstance(ref, str) and ref.strip() == ref and ("/" in ref or ref.startswith(("~", ".")))
+    if ref in PRETRAINED_NAMES or is_path:
+        return
+    hint = f" (write ./{ref} for a folder here)" if isinstance(ref, str) and ref.strip() else ""
+    raise ValueError(
+        f"model.init_from={ref!r} is unknown; valid: {', '.join(PRETRAINED_NAMES)}, or the path of a local "
+        f"Hugging Face GPT-2 folder{hint}"
+    )
+
+
 @dataclass
 class ModelConfig:
     """GPT architecture. The defaults are a CPU-friendly small model."""
@@ -112,9 +127,12 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     # Modern-recipe options; the defaults keep GPT-2.
     qk_norm: bool = False  # RMS-normalise each head's queries and keys (no parameters) before the dot product
-    mlp: str = "gelu"  # gelu (GPT-2) | relu2: relu(x)^2
+    mlp: str = "gelu"  # gelu (exact) | gelu_tanh (the tanh approximation GPT-2 was trained with) | relu2: relu(x)^2
     zero_init_proj: bool = False  # attention and MLP output projections start at zero (each block starts as identity)
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap), so |logits| < cap
+    # Start from pretrained GPT-2 weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local Hugging Face folder
+    # (a path: it contains a "/"). The sizes then come from the weights; see gptmini.pretrained.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -157,6 +175,11 @@ class ModelConfig:
             raise ValueError(f"model.mlp={self.mlp!r} is unknown; valid: {', '.join(MLP_KINDS)}")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise ValueError(f"model.logit_softcap={self.logit_softcap} must be a positive number or null (off)")
+        if self.init_from is not None:
+            from gptmini.pretrained import check_pretrained_compatible  # imported here: gptmini.pretrained imports us
+
+            check_init_from(self.init_from)
+            check_pretrained_compatible(self)
 
 
 @dataclass
@@ -396,6 +419,18 @@ class EvaluateConfig:
     eval: EvalOptions = field(default_factory=EvalOptions)
 
 
+@dataclass
+class ExportConfig:
+    """Everything `python -m gptmini.export` reads: a checkpoint and the Hugging Face folder to write."""
+
+    ckpt: str = "???"  # a run directory (its best checkpoint, else its last) or a checkpoint file
+    out: str = "???"  # a new (or empty) folder
+    dtype: str = "float32"  # of the tensors in model.safetensors: float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent; only entry points and tests call it)."""
     from hydra.core.config_store import ConfigStore
@@ -405,3 +440,4 @@ def register_configs() -> None:
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="export_schema", node=ExportConfig)

@@ -30,7 +30,8 @@ class LayerNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two linear maps with GELU (GPT-2) or ReLU² (`model.mlp=relu2`: relu(x)², sparse and cheap) between."""
+    """Two linear maps with GELU between: exact (`gelu`), or its tanh approximation (`gelu_tanh`, what GPT-2 was
+    trained with, so its weights reproduce it), or ReLU² (`model.mlp=relu2`: relu(x)², sparse and cheap)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -38,10 +39,11 @@ class MLP(nn.Module):
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.relu2 = config.mlp == "relu2"
+        self.gelu_approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)  # (B, T, 4C)
-        h = F.relu(h).square() if self.relu2 else F.gelu(h)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate=self.gelu_approximate)
         return self.dropout(self.proj(h))  # (B, T, C)
 
 

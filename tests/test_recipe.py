@@ -164,7 +164,12 @@ def test_torch_mha_refuses_qk_norm():
 # ReLU², zero-initialised projections, logit soft-cap
 
 
-@pytest.mark.parametrize(("kind", "act"), [("relu2", lambda h: torch.relu(h) ** 2), ("gelu", F.gelu)])
+def gelu_tanh(h):  # GPT-2's formula, written out (transformers' gelu_new)
+    return 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+
+
+@pytest.mark.parametrize(("kind", "act"), [("relu2", lambda h: torch.relu(h) ** 2), ("gelu", F.gelu),
+                                           ("gelu_tanh", gelu_tanh)])
 def test_mlp_activation(kind, act):
     torch.manual_seed(0)
     mlp = MLP(cfg(mlp=kind))
@@ -176,7 +181,7 @@ def test_mlp_activation(kind, act):
 
 
 def test_unknown_mlp_is_refused():
-    with pytest.raises(ValueError, match="model.mlp='swish' is unknown; valid: gelu, relu2"):
+    with pytest.raises(ValueError, match="model.mlp='swish' is unknown; valid: gelu, gelu_tanh, relu2"):
         cfg(mlp="swish")
 
 

@@ -1,0 +1,422 @@
+"""Pretrained GPT-2 weights from Hugging Face, in gptmini's own layout.
+
+GPT-2 (the four OpenAI sizes, or any local folder in Hugging Face's GPT-2 layout) is exactly a gptmini GPT with
+learned positions, biases, layer-norm eps 1e-5, a tied head and `model.mlp=gelu_tanh`; only the tensor names and
+the orientation of the linear maps differ. Hugging Face's `Conv1D` stores its weight as (in, out), `nn.Linear` as
+(out, in), so every projection is transposed, and `c_attn` (q, k, v side by side) becomes the canonical packed
+`qkv` every weight-compatible attention variant loads (see gptmini.attention).
+
+Where each entry point calls in:
+    training    `model.init_from=gpt2`: `check_pretrained_tokenizer(...)` once the data's tokenizer is known, then
+                `load_pretrained(cfg.model)` -> (config to build GPT with, state dict); ModelConfig.validate already
+                refused what the weights cannot serve (`check_pretrained_compatible`).
+    generation and evaluation, `ckpt=gpt2`: `is_pretrained_ref(ckpt)`, then `load_pretrained_for_inference(ckpt)`.
+
+Only tensors are ever read: safetensors files, or `pytorch_model.bin` through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from gptmini.config import PRETRAINED_NAMES, AttentionConfig, ModelConfig
+from gptmini.model import GPT
+from gptmini.tokenizer import TiktokenTokenizer
+
+HUB_REPOS = {name: f"openai-community/{name}" for name in PRETRAINED_NAMES}
+GPT2_POSITIONS = 1024  # n_positions of all four OpenAI sizes
+GPT2_VOCAB = 50257
+GPT2_TOKENIZERS = ("gpt2", "r50k_base")  # tiktoken names of the one GPT-2 vocabulary (identical definitions)
+# What a snapshot needs (the hub repos also hold TF, Flax, ONNX and Rust copies, gigabytes we never read).
+HUB_PATTERNS = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]
+WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers old transformers versions saved
+
+# (Hugging Face name, gptmini name, transposed?) per layer, then for the whole model.
+LAYER_KEYS = (("ln_1.weight", "ln_1.weight", False), ("ln_1.bias", "ln_1.bias", False),
+              ("attn.c_attn.weight", "attn.qkv.weight", True), ("attn.c_attn.bias", "attn.qkv.bias", False),
+              ("attn.c_proj.weight", "attn.out_proj.weight", True), ("attn.c_proj.bias", "attn.out_proj.bias", False),
+              ("ln_2.weight", "ln_2.weight", False), ("ln_2.bias", "ln_2.bias", False),
+              ("mlp.c_fc.weight", "mlp.fc.weight", True), ("mlp.c_fc.bias", "mlp.fc.bias", False),
+              ("mlp.c_proj.weight", "mlp.proj.weight", True), ("mlp.c_proj.bias", "mlp.proj.bias", False))
+MODEL_KEYS = (("wte.weight", "wte.weight", False), ("wpe.weight", "wpe.weight", False),
+              ("ln_f.weight", "ln_f.weight", False), ("ln_f.bias", "ln_f.bias", False))
+
+
+class PretrainedError(ValueError):
+    """A pretrained reference that cannot be resolved, read or served; always one line."""
+
+
+def brief(err: BaseException, limit: int = 160) -> str:
+    """An exception as `Type: message` on one line, cut at a word boundary (library messages run for lines)."""
+    text = " ".join(str(err).split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def key_map(n_layer: int) -> list[tuple[str, str, bool]]:
+    """Every (Hugging Face name without `transformer.`, gptmini name, transposed?) of an n_layer GPT-2."""
+    layers = [(f"h.{i}.{hf}", f"blocks.{i}.{ours}", t) for i in range(n_layer) for hf, ours, t in LAYER_KEYS]
+    return [*MODEL_KEYS[:2], *layers, *MODEL_KEYS[2:]]
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every gptmini tensor of a GPT-2 with these sizes (checked before anything is built)."""
+    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.block_size
+    per_layer = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+                 "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,), "attn.out_proj.weight": (C, C),
+                 "attn.out_proj.bias": (C,), "mlp.fc.weight": (4 * C, C), "mlp.fc.bias": (4 * C,),
+                 "mlp.proj.weight": (C, 4 * C), "mlp.proj.bias": (C,)}
+    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for i in range(cfg.n_layer):
+        shapes.update({f"blocks.{i}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding the folder
+
+
+def is_pretrained_ref(ref: str) -> bool:
+    """True for a GPT-2 name or a folder holding a Hugging Face `config.json` (a gptmini run directory holds
+    config.yaml and checkpoints/ instead); what `ckpt=` dispatches on. A run directory called gpt2: ./gpt2."""
+    return ref in PRETRAINED_NAMES or (Path(ref).expanduser() / "config.json").is_file()
+
+
+def resolve_pretrained(ref: str, *, key: str = "model.init_from", cache_dir: str | Path | None = None,
+                       download: bool = True) -> Path:
+    """The local folder behind `ref`: a GPT-2 name (from the Hugging Face cache, downloading only when it is
+    missing and the hub answers) or a local Hugging Face folder. `key` names the setting in error messages."""
+    if ref in PRETRAINED_NAMES:
+        return _from_hub(ref, key, cache_dir, download)
+    folder = Path(ref).expanduser()
+    if not folder.is_dir():
+        raise PretrainedError(
+            f"{key}={ref}: no such folder; give one of {', '.join(PRETRAINED_NAMES)} or a local Hugging Face "
+            f"GPT-2 folder (config.json and model.safetensors or pytorch_model.bin)"
+        )
+    missing = [name for name in ("config.json", "weights") if not _has(folder, name)]
+    if missing:
+        raise PretrainedError(
+            f"{key}={ref}: not a Hugging Face GPT-2 folder, it lacks "
+            f"{' and '.join('model.safetensors or pytorch_model.bin' if m == 'weights' else m for m in missing)}"
+        )
+    return folder
+
+
+def _has(folder: Path, name: str) -> bool:
+    if name == "weights":
+        return any((folder / f).is_file() for pair in WEIGHT_FILES for f in pair)
+    return (folder / name).is_file()
+
+
+def _from_hub(name: str, key: str, cache_dir: str | Path | None, download: bool) -> Path:
+    """The cached snapshot of `name` (under its openai-community id, or the legacy bare id transformers used),
+    else a fresh download when allowed; one line on failure."""
+    from huggingface_hub import snapshot_download
+
+    for repo in (HUB_REPOS[name], name):
+        try:
+            folder = Path(snapshot_download(repo, local_files_only=True, allow_patterns=HUB_PATTERNS,
+                                            cache_dir=cache_dir))
+        except Exception:  # not cached (or only partly): any failure here just means "look further"
+            continue
+        if _has(folder, "config.json") and _has(folder, "weights"):
+            return folder
+    reason = "downloads disabled"
+    if download:
+        try:
+            return Path(snapshot_download(HUB_REPOS[name], allow_patterns=HUB_PATTERNS, cache_dir=cache_dir))
+        except Exception as err:  # offline, no route, hub down, ...: all end in the same advice
+            reason = brief(err)
+    raise PretrainedError(
+        f"{key}={name}: not in the local Hugging Face cache and the hub is unreachable ({reason}); download "
+        f"once with network, or pass a local folder"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading config and weights
+
+
+def read_hf_config(folder: Path, where: str) -> dict[str, Any]:
+    """config.json as a dict; one line when it is unreadable or not GPT-2's."""
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise PretrainedError(f"{where}: config.json is unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
+        found = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
+        raise PretrainedError(f"{where}: config.json describes model_type={found!r}, not gpt2; only GPT-2 loads")
+    return hf
+
+
+def hf_model_config(hf: Mapping[str, Any], where: str, attention: AttentionConfig | None = None) -> ModelConfig:
+    """The gptmini ModelConfig of a GPT-2 config.json, refusing (one line) any setting gptmini cannot reproduce."""
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    refusals = [
+        (hf.get("activation_function", "gelu_new") not in ACTIVATIONS,
+         f"activation_function={hf.get('activation_function')!r} (gptmini has {', '.join(ACTIVATIONS)})"),
+        (not isinstance(eps, (int, float)) or not math.isclose(eps, 1e-5, rel_tol=1e-6),
+         f"layer_norm_epsilon={eps!r} (gptmini's layer norms use 1e-5)"),
+        (hf.get("tie_word_embeddings", True) is not True, "tie_word_embeddings=false (gptmini ties the LM head)"),
+        (hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)), f"n_inner={hf.get('n_inner')} (gptmini: 4*n_embd)"),
+        (hf.get("scale_attn_weights", True) is not True, "scale_attn_weights=false (gptmini scales by 1/sqrt(hd))"),
+        (hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=true"),
+        (hf.get("add_cross_attention", False), "add_cross_attention=true"),
+    ]
+    for refused, what in refusals:
+        if refused:
+            raise PretrainedError(f"{where}: config.json sets {what}; gptmini cannot reproduce this GPT-2")
+    try:
+        return ModelConfig(
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
+            vocab_size=hf["vocab_size"], dropout=0.0, bias=True, pos_encoding="learned",
+            attention=attention or AttentionConfig(), mlp=ACTIVATIONS[hf.get("activation_function", "gelu_new")],
+        )
+    except KeyError as err:
+        raise PretrainedError(f"{where}: config.json lacks {err.args[0]!r}") from None
+    except ValueError as err:
+        raise PretrainedError(f"{where}: config.json does not make a valid model ({err})") from None
+
+
+def read_hf_weights(folder: Path, where: str) -> dict[str, Tensor]:
+    """All tensors of the folder: model.safetensors (or its shards), else pytorch_model.bin (or its shards)
+    through `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers."""
+    for single, index in WEIGHT_FILES:
+        if (folder / single).is_file():
+            files = [folder / single]
+        elif (folder / index).is_file():
+            files = _shards(folder, index, where)
+        else:
+            continue
+        tensors: dict[str, Tensor] = {}
+        for path in files:
+            tensors.update(_read_tensor_file(path, where))
+        return tensors
+    raise PretrainedError(f"{where}: no model.safetensors or pytorch_model.bin; not a Hugging Face GPT-2 folder")
+
+
+def _shards(folder: Path, index: str, where: str) -> list[Path]:
+    try:
+        weight_map = json.loads((folder / index).read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise PretrainedError(f"{where}: {index} is unreadable ({type(err).__name__})") from None
+    if any(not isinstance(n, str) or Path(n).name != n for n in names):  # shards live beside the index, nowhere else
+        raise PretrainedError(f"{where}: {index} names shard files outside the folder")
+    return [folder / n for n in names]
+
+
+def _read_tensor_file(path: Path, where: str) -> dict[str, Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file, a foreign pickle weights_only refuses, ...
+        raise PretrainedError(f"{where}: cannot read {path.name} as tensors ({brief(err)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise PretrainedError(f"{where}: {path.name} does not hold a flat state dict of tensors")
+    return state
+
+
+def hf_to_canonical(tensors: Mapping[str, Tensor], cfg: ModelConfig, where: str) -> dict[str, Tensor]:
+    """Hugging Face GPT-2 tensors -> a state dict `GPT(cfg).load_state_dict` takes (Conv1D transposed, the tied
+    head pointing at wte, mask buffers dropped); one line for a missing, unexpected or misshapen tensor."""
+    hf = {k.removeprefix("transformer."): v for k, v in tensors.items() if not k.endswith(BUFFER_SUFFIXES)}
+    head = hf.pop("lm_head.weight", None)
+    shapes = expected_shapes(cfg)
+    sd: dict[str, Tensor] = {}
+    for hf_name, name, transposed in key_map(cfg.n_layer):
+        if hf_name not in hf:
+            raise PretrainedError(f"{where}: the weights lack {hf_name}")
+        tensor = hf.pop(hf_name)
+        tensor = tensor.t().contiguous() if transposed else tensor
+        if tuple(tensor.shape) != shapes[name]:
+            raise PretrainedError(
+                f"{where}: {hf_name} has shape {tuple(tensor.shape)}, config.json implies {shapes[name]}"
+            )
+        sd[name] = tensor
+    if hf:
+        raise PretrainedError(f"{where}: unexpected tensors for a GPT-2 ({', '.join(sorted(hf)[:3])}, ...)")
+    if head is not None and not torch.equal(head, sd["wte.weight"]):
+        raise PretrainedError(f"{where}: lm_head.weight differs from wte.weight, but gptmini ties them")
+    sd["lm_head.weight"] = sd["wte.weight"]  # the tied head: the same tensor, as GPT.state_dict() has it
+    return sd
+
+
+def load_hf_gpt2(ref: str, attention: AttentionConfig | None = None, *, key: str = "model.init_from",
+                 cache_dir: str | Path | None = None, download: bool = True) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The ModelConfig (all the weights' positions, dropout 0, `attention` or sdpa) and the canonical state dict
+    of a GPT-2 name or local Hugging Face folder: `GPT(cfg).load_state_dict(sd)` then computes GPT-2."""
+    folder = resolve_pretrained(ref, key=key, cache_dir=cache_dir, download=download)
+    return _load_folder(folder, f"{key}={ref}", attention)
+
+
+def _load_folder(folder: Path, where: str, attention: AttentionConfig | None) -> tuple[ModelConfig, dict[str, Tensor]]:
+    cfg = hf_model_config(read_hf_config(folder, where), where, attention)
+    return cfg, hf_to_canonical(read_hf_weights(folder, where), cfg, where)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the weights can serve
+
+
+def check_pretrained_compatible(requested: ModelConfig, positions: int | None = None) -> None:
+    """Refuse, in one line naming the key, a model config `requested.init_from`'s weights cannot serve. Reads no
+    file, so ModelConfig.validate runs it; `positions` (default: 1024 for the GPT-2 names) bounds block_size."""
+    ref = requested.init_from
+    if ref is None:
+        return
+    from gptmini.attention import weight_compatible_variants
+
+    if positions is None and ref in PRETRAINED_NAMES:
+        positions = GPT2_POSITIONS
+    compatible = weight_compatible_variants()
+    refusals = [
+        (requested.pos_encoding != "learned", f"model.pos_encoding={requested.pos_encoding}",
+         "GPT-2's weights have learned absolute positions (wpe)"),
+        (requested.qk_norm, "model.qk_norm=true", "GPT-2 attends with unnormalised queries and keys"),
+        (requested.logit_softcap is not None, f"model.logit_softcap={requested.logit_softcap}",
+         "GPT-2's logits are not capped"),
+        (requested.mlp == "relu2", "model.mlp=relu2", "GPT-2's MLP is GELU"),
+        (not requested.bias, "model.bias=false", "GPT-2 has a bias in every linear map and layer norm"),
+        (requested.zero_init_proj, "model.zero_init_proj=true", "the pretrained weights replace the initialisation"),
+        (requested.attention.name not in compatible, f"model.attention.name={requested.attention.name}",
+         f"GPT-2's weights need full multi-head attention; use one of {', '.join(compatible)}"),
+        (positions is not None and requested.block_size > positions, f"model.block_size={requested.block_size}",
+         f"the weights have {positions} positions; use at most {positions}"),
+    ]
+    for refused, setting, why in refusals:
+        if refused:
+            raise ValueError(f"model.init_from={ref} cannot be combined with {setting}: {why}")
+
+
+def is_gpt2_tokenizer(spec: Mapping[str, Any] | None) -> bool:
+    """Whether a `Tokenizer.spec()` is tiktoken's GPT-2 vocabulary (gpt2, or r50k_base: the same encoding)."""
+    return isinstance(spec, Mapping) and spec.get("kind") == "tiktoken" and spec.get("encoding") in GPT2_TOKENIZERS
+
+
+def data_tokenizer_spec(tokenizer: str, encoding: str = "gpt2") -> dict[str, str]:
+    """The spec a DataConfig's `tokenizer`/`encoding` will produce, so the check can run before data preparation."""
+    return {"kind": tokenizer, "encoding": encoding} if tokenizer == "tiktoken" else {"kind": tokenizer}
+
+
+def check_pretrained_tokenizer(ref: str, spec: Mapping[str, Any] | None, key: str = "model.init_from") -> None:
+    """GPT-2 weights only mean something over GPT-2's token ids: refuse data tokenized any other way."""
+    if is_gpt2_tokenizer(spec):
+        return
+    kind = spec.get("kind") if isinstance(spec, Mapping) else None
+    used = f"tiktoken {spec.get('encoding')}" if kind == "tiktoken" else str(kind)
+    raise ValueError(
+        f"{key}={ref} needs data tokenized with tiktoken gpt2 (data.tokenizer=tiktoken data.encoding=gpt2); "
+        f"this data uses {used}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# For the entry points
+
+
+def load_pretrained(requested: ModelConfig, *, cache_dir: str | Path | None = None,
+                    download: bool = True) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """For training with `model.init_from`: the config to build GPT with and the state dict to load into it
+    (`build_gpt(cfg, sd)` skips the random initialisation the weights replace).
+
+    Sizes, vocabulary and MLP come from the weights; block_size (wpe cropped to it), dropout and the attention
+    variant from `requested`, as does init_from (kept, so the checkpoint records where training started). The
+    weights' vocabulary must be GPT-2's, since the data's tokenizer must be (`check_pretrained_tokenizer`)."""
+    ref = requested.init_from
+    if ref is None:
+        raise ValueError("load_pretrained needs a ModelConfig with model.init_from set")
+    check_pretrained_compatible(requested)
+    folder = resolve_pretrained(ref, cache_dir=cache_dir, download=download)
+    cfg, sd = _load_folder(folder, f"model.init_from={ref}", requested.attention)
+    check_gpt2_vocabulary(folder, cfg, f"model.init_from={ref}")
+    check_pretrained_compatible(requested, positions=cfg.block_size)
+    cfg = dataclasses.replace(cfg, block_size=requested.block_size, dropout=requested.dropout, init_from=ref)
+    sd["wpe.weight"] = sd["wpe.weight"][: requested.block_size].contiguous()
+    return cfg, sd
+
+
+# torch.nn.init's in-place initialisers: Linear, Embedding, MultiheadAttention and GPT.reset_parameters use them.
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+                 "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Within: torch.nn.init's initialisers leave tensors as allocated. Building GPT-2 124M only to overwrite its
+    random weights spends 3-4 s of a 2-core CPU's time on two rounds of initialisation (module defaults, then
+    GPT's); transformers skips it the same way. Buffers (masks) are computed as usual."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def build_gpt(cfg: ModelConfig, state_dict: Mapping[str, Tensor]) -> GPT:
+    """`GPT(cfg)` with `state_dict` loaded (strictly: every parameter is overwritten), without the wasted random
+    initialisation; the tied head stays tied."""
+    with skip_init():
+        model = GPT(cfg)
+    model.load_state_dict(state_dict)
+    return model
+
+
+class Pretrained(NamedTuple):
+    """The same fields as gptmini.checkpoint.Loaded, so `ckpt=gpt2` and a run directory unpack alike."""
+
+    model: GPT  # in eval mode
+    tokenizer: TiktokenTokenizer  # gpt2
+    config: dict[str, Any]  # {"model": ..., "data": {"tokenizer": "tiktoken", "encoding": "gpt2"}}, as plain data
+    path: Path  # the folder the weights came from
+
+
+def load_pretrained_for_inference(ref: str, device: torch.device | str = "cpu",
+                                  attention: AttentionConfig | None = None, *, key: str = "ckpt",
+                                  cache_dir: str | Path | None = None, download: bool = True) -> Pretrained:
+    """For `generate.py ckpt=gpt2` and `python -m gptmini.evaluate ckpt=gpt2`: GPT-2 with the gpt2 tokenizer."""
+    folder = resolve_pretrained(ref, key=key, cache_dir=cache_dir, download=download)
+    where = f"{key}={ref}"
+    cfg, sd = _load_folder(folder, where, attention)
+    check_gpt2_vocabulary(folder, cfg, where)
+    model = build_gpt(cfg, sd)
+    config = {"model": dataclasses.asdict(cfg), "data": {"tokenizer": "tiktoken", "encoding": "gpt2"}}
+    return Pretrained(model.to(device).eval(), TiktokenTokenizer("gpt2"), config, folder)
+
+
+def check_gpt2_vocabulary(folder: Path, cfg: ModelConfig, where: str) -> None:
+    """gptmini pairs a Hugging Face folder with tiktoken's gpt2 tokenizer: refuse a folder whose vocabulary differs
+    (too few rows, or a vocab.json other than GPT-2's)."""
+    if cfg.vocab_size < GPT2_VOCAB:
+        raise PretrainedError(f"{where}: its {cfg.vocab_size}-token vocabulary is not GPT-2's ({GPT2_VOCAB} tokens)")
+    vocab_file = folder / "vocab.json"
+    if vocab_file.is_file():
+        from gptmini.export import gpt2_vocab
+
+        try:
+            same = json.loads(vocab_file.read_text(encoding="utf-8")) == gpt2_vocab()
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise PretrainedError(f"{where}: its vocab.json is not GPT-2's; gptmini only has the gpt2 tokenizer")
