@@ -4,7 +4,9 @@
     model = GPT(ModelConfig(vocab_size=65, attention=AttentionConfig(name="mha")))
 
 Training: `gptmini.trainer.train(run_config, run_dir)`; sampling: `gptmini.generation.run_generation(config)`;
-checkpoints: `gptmini.checkpoint.load_for_inference(path)`.
+checkpoints: `gptmini.checkpoint.load_for_inference(path)` (a run, a checkpoint file, or "gpt2" / a Hugging Face
+GPT-2 folder); pretrained GPT-2 in: `gptmini.pretrained.load_hf_gpt2("gpt2")` -> (ModelConfig, state dict);
+out: `gptmini.export.export_hf(...)`.
 """
 
 from gptmini.attention import (

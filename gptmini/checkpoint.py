@@ -26,6 +26,7 @@ import torch
 from gptmini.attention import weight_compatible_variants
 from gptmini.config import AttentionConfig, ModelConfig
 from gptmini.model import GPT
+from gptmini.pretrained import is_pretrained_ref, load_pretrained_for_inference
 from gptmini.tokenizer import Tokenizer, tokenizer_from_spec
 
 FORMAT = "gptmini-checkpoint"
@@ -218,8 +219,13 @@ def load_for_inference(
     """Rebuild model and tokenizer from a checkpoint (run directory or file), optionally with another attention.
 
     Only weight-compatible variants can stand in for one another (see gptmini.attention); anything else is
-    refused with a one-line error, as is a checkpoint whose tensors do not fit its own config.
+    refused with a one-line error, as is a checkpoint whose tensors do not fit its own config. A GPT-2 name or a
+    Hugging Face folder (`ckpt=gpt2`) loads the pretrained weights instead (gptmini.pretrained).
     """
+    if is_pretrained_ref(str(ckpt)):
+        gpt2_attention = AttentionConfig("mha")  # GPT-2's own: the textbook multi-head attention
+        wanted = gpt2_attention if attention is None else swap_attention(gpt2_attention, attention)
+        return Loaded(*load_pretrained_for_inference(str(ckpt), device, wanted))
     path = find_checkpoint(ckpt)
     state = load_checkpoint(path)
     try:

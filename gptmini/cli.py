@@ -58,17 +58,29 @@ def run_command(config_name: str, fn: Callable[..., Any], with_run_dir: bool = F
     from gptmini.config import register_configs
 
     register_configs()
-    check_overrides(config_name, sys.argv[1:])
+    new_dirs = check_overrides(config_name, sys.argv[1:])
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)
     def main(cfg: DictConfig) -> None:
-        if with_run_dir:
-            run_dir = HydraConfig.get().runtime.output_dir
-            run_reporting_errors(lambda: fn(to_dataclass(cfg), run_dir))
-        else:
+        if not with_run_dir:
             run_reporting_errors(lambda: fn(to_dataclass(cfg)))
+            return
+        try:
+            run_reporting_errors(lambda: fn(to_dataclass(cfg), HydraConfig.get().runtime.output_dir))
+        finally:
+            remove_if_empty(new_dirs)  # a run refused before its first file leaves no empty folders behind
 
     main()
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) Hydra created for a run that then wrote nothing; rmdir refuses any
+    folder that holds a file, so a run that wrote something keeps everything."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def prepare_train_launch() -> None:
@@ -86,23 +98,29 @@ def prepare_train_launch() -> None:
     OmegaConf.register_new_resolver("run_stamp", lambda: stamp, replace=True)
 
 
-def check_overrides(config_name: str, argv: list[str]) -> None:
+def check_overrides(config_name: str, argv: list[str]) -> list[Path]:
     """Compose the config before Hydra starts, so a bad override ends in one line on stderr (exit 2).
 
     Hydra reports the same mistakes over several lines; this catches unknown groups, options and keys, wrong
     types, values our dataclasses reject, and a run directory that cannot be one, with the same wording
     condensed. For a sweep (`-m`) every value of every swept key is checked. Hydra's informational flags
     (`--help`, `--cfg`, ...) go straight to Hydra.
+
+    Returns the folders Hydra is about to create for the run directory (the missing ones, deepest first).
     """
     multirun = any(arg in ("-m", "--multirun") for arg in argv)
     args = [arg for arg in argv if arg not in ("-m", "--multirun")]
     if any(arg.startswith("-") for arg in args):
-        return
+        return []
+    new_dirs: list[Path] = []
     try:
         for overrides in _sweep_variants(args) if multirun else [args]:
             cfg = _compose(config_name, overrides)
             if not multirun and "run" in cfg.get("hydra", {}):
+                run_dir = Path(cfg.hydra.run.dir).absolute()
                 _check_run_dir(cfg.hydra.run.dir, explicit=any(a.startswith("hydra.run.dir=") for a in args))
+                new_dirs = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        return new_dirs
     except USER_ERRORS + (_hydra_errors(),) as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

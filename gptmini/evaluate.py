@@ -24,6 +24,7 @@ from gptmini import data as data_lib
 from gptmini.checkpoint import load_for_inference
 from gptmini.config import DataConfig, EvaluateConfig
 from gptmini.device import autocast, resolve_device, resolve_dtype
+from gptmini.pretrained import is_pretrained_ref
 
 SPLITS = ("val", "train")
 
@@ -69,6 +70,12 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
         raise ValueError(f"eval.split={opts.split!r} is unknown; valid: {', '.join(SPLITS)}")
     if opts.batch_size < 1:
         raise ValueError(f"eval.batch_size={opts.batch_size} must be a positive integer")
+    data_cfg, data_dir = cfg.data, cfg.data_dir
+    if data_cfg is None and is_pretrained_ref(cfg.ckpt):
+        raise ValueError(
+            f"ckpt={cfg.ckpt} is pretrained weights, with no training data to fall back on; name the data to "
+            f"measure, e.g. data=shakespeare data.path=input.txt"
+        )
     device = resolve_device(opts.device, key="eval.device")
     dtype = resolve_dtype(opts.dtype, device, key="eval.dtype")
     model, tokenizer, saved, path = load_for_inference(cfg.ckpt, device)
@@ -77,7 +84,6 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
     if not 1 <= window <= block_size:
         raise ValueError(f"eval.window={window} must be between 1 and the model's block_size={block_size}")
 
-    data_cfg, data_dir = cfg.data, cfg.data_dir
     if data_cfg is None:  # fall back on what the checkpoint was trained with
         known = {f.name for f in dataclasses.fields(DataConfig)}
         data_cfg = DataConfig(**{k: v for k, v in saved.get("data", {}).items() if k in known})

@@ -6,6 +6,7 @@ The model, its tokenizer and vocabulary all come from the checkpoint; the data f
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -88,7 +89,28 @@ def read_prompt(cfg: GenerateConfig) -> str:
     path = Path(cfg.prompt_file)
     if not path.is_file():
         raise FileNotFoundError(f"prompt_file={cfg.prompt_file!r} does not exist")
-    return path.read_text()
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"prompt_file={cfg.prompt_file!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+            f"{err.start}); save the prompt as UTF-8"
+        ) from None
+
+
+def check_output_file(value: str | None, key: str) -> None:
+    """Refuse, before any sampling, an output path that cannot become a file: a directory, a path below a file,
+    or a place this process cannot write. Sampling long texts only to lose them at the end helps no one."""
+    if not value:
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"{key}={value!r} is a directory; give the path of a file to write")
+    existing = next(p for p in (path.parent, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{key}={value!r} lies below {str(existing)!r}, which is a file; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{key}={value!r} is not writable ({existing} is read-only); choose another {key}")
 
 
 def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> list[str]:
@@ -101,8 +123,10 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     cfg.validate()
     device = resolve_device(cfg.device, key="device")
     dtype = resolve_dtype(cfg.dtype, device, key="dtype")
-    model, tokenizer, _, _ = load_for_inference(cfg.ckpt, device, cfg.model.attention)
+    for key in ("out", "attention_map"):
+        check_output_file(getattr(cfg, key), key)
     prompt = read_prompt(cfg)
+    model, tokenizer, _, _ = load_for_inference(cfg.ckpt, device, cfg.model.attention)
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (N, T)
 

@@ -23,6 +23,13 @@ from gptmini.device import DeviceInfo, describe, resolve_device, resolve_dtype
 from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_state, resolve_strategy, wrap_model
 from gptmini.model import GPT
 from gptmini.optim import make_optimizer, ns_dtype_note
+from gptmini.pretrained import (
+    build_gpt,
+    check_pretrained_tokenizer,
+    data_tokenizer_spec,
+    load_pretrained,
+    resolve_pretrained,
+)
 from gptmini.tokenizer import Tokenizer
 
 
@@ -52,7 +59,7 @@ class RunParts:
 
     hw: Hardware
     data: RunData
-    model_cfg: ModelConfig  # cfg.model with the data's vocabulary size
+    model_cfg: ModelConfig  # cfg.model with the data's vocabulary size (and with init_from, the weights' sizes)
     model: GPT
     wrapped: torch.nn.Module  # what the training step calls: DDP(model), or model itself (FSDP shards in place)
     optimizer: Any
@@ -69,16 +76,19 @@ def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
         notes.append(ns_dtype_note(cfg.optim.muon_ns_dtype, hw.device))
     # Refuse what the attention variant cannot do here (flex on CPU, ...) before preparing any data.
     ATTENTION_REGISTRY[cfg.model.attention.name].check_device(cfg.model, hw.device, training=True)
+    resume_from = resume_path(cfg.train.resume, checkpoint_dir(run_dir))
+    if cfg.model.init_from is not None and resume_from is None:
+        check_pretrained_source(cfg)  # the tokenizer and the weights' folder, before minutes of preparation
     data = load_data(cfg, env)
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
+    resume = read_resume(resume_from, env)
+    model, model_cfg = build_model(cfg, data, resume, hw.device, env)
     check_split_sizes(data, model_cfg.block_size)
-
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = GPT(model_cfg).to(hw.device)
-    resume, resume_from = load_resume(cfg, run_dir, env, model_cfg, data.tokenizer)
     if resume is not None:
+        check_compatible(resume, model_cfg, data.tokenizer.spec())
         notes.append(f"resumed from {resume_from} at step {resume['step']}")
         model.load_state_dict(resume["model"])
+    elif model_cfg.init_from is not None:
+        notes.append(f"initialised from pretrained GPT-2 weights: {model_cfg.init_from}")
     wrapped = wrap_model(model, hw.strategy, hw.device)  # FSDP shards `model` in place: build the optimizer after
     optimizer = make_optimizer(model, cfg, hw.device)
     if resume is not None:
@@ -115,13 +125,47 @@ def check_split_sizes(data: RunData, block_size: int) -> None:
             )
 
 
-def load_resume(
-    cfg: RunConfig, run_dir: Path, env: DistEnv, model_cfg: ModelConfig, tokenizer: Tokenizer
-) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint `train.resume` asks for (rank 0 reads it, every rank gets it), checked against the run."""
-    path = resume_path(cfg.train.resume, checkpoint_dir(run_dir))
+def read_resume(path: Path | None, env: DistEnv) -> dict[str, Any] | None:
+    """The checkpoint `train.resume` pointed at (rank 0 reads it, every rank gets it)."""
     if path is None:
-        return None, None
-    state = broadcast(load_checkpoint(path) if env.is_main else None, env)
-    check_compatible(state, model_cfg, tokenizer.spec())
-    return state, path
+        return None
+    return broadcast(load_checkpoint(path) if env.is_main else None, env)
+
+
+def check_pretrained_source(cfg: RunConfig) -> None:
+    """`model.init_from` needs GPT-2's tokens and a folder of weights: check both before preparing data."""
+    check_pretrained_tokenizer(cfg.model.init_from, data_tokenizer_spec(cfg.data.tokenizer, cfg.data.encoding))
+    resolve_pretrained(cfg.model.init_from)
+
+
+def build_model(
+    cfg: RunConfig, data: RunData, resume: dict[str, Any] | None, device: torch.device, env: DistEnv
+) -> tuple[GPT, ModelConfig]:
+    """The GPT to train and its config: random weights (seeded alike on every rank), GPT-2's weights with
+    `model.init_from`, or, when resuming, a model the checkpoint's weights will fill."""
+    requested = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    if requested.init_from is None:
+        return GPT(requested).to(device), requested
+    check_pretrained_tokenizer(requested.init_from, data.tokenizer.spec())
+    if resume is not None:  # the sizes the checkpoint recorded stand in for the weights' folder, which may be gone
+        model_cfg = pretrained_sizes(requested, resume)
+        return GPT(model_cfg).to(device), model_cfg
+    if env.local_rank != 0:
+        barrier(env)  # local rank 0 downloads first, when it must
+    model_cfg, state_dict = load_pretrained(requested)
+    if env.local_rank == 0:
+        barrier(env)
+    return build_gpt(model_cfg, state_dict).to(device), model_cfg
+
+
+SIZED_BY_THE_WEIGHTS = ("n_layer", "n_head", "n_embd", "vocab_size", "mlp", "bias", "pos_encoding")
+
+
+def pretrained_sizes(requested: ModelConfig, resume: dict[str, Any]) -> ModelConfig:
+    """`requested` with what the pretrained weights fixed taken from the checkpoint (when it started from the
+    same weights; otherwise `check_compatible` names the differences)."""
+    saved = resume["config"]["model"]
+    if saved.get("init_from") != requested.init_from:
+        return requested
+    return dataclasses.replace(requested, **{k: saved[k] for k in SIZED_BY_THE_WEIGHTS if k in saved})

@@ -49,6 +49,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
                       "model.block_size=16", "train.max_iters=2", "train.final_eval=false"), run)
     (root / "notes.txt").write_text("not a checkpoint")
     (root / "null_text.jsonl").write_text('{"text": "ok"}\n{"text": null}\n')
+    (root / "latin1_prompt.txt").write_bytes("Zürich".encode("latin-1"))
     good = (run / "checkpoints" / "last.pt").read_bytes()
     (root / "truncated.pt").write_bytes(good[: len(good) // 2])
     return {"root": root, "corpus": corpus, "run": run}
@@ -121,6 +122,23 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("train: run directory is a file", elsewhere(f"hydra.run.dir={root / 'notes.txt'}"),
          "is a file, not a directory"),
         ("train: bad value inside a sweep", elsewhere("-m", "train.grad_accum=1,0"), "train.grad_accum=0"),
+        ("generate: out is a directory", [*gen, f"out={root}"], "out="),
+        ("generate: out below a file", [*gen, f"out={root / 'notes.txt' / 'samples.txt'}"], "which is a file"),
+        ("generate: attention_map below a file", [*gen, f"attention_map={root / 'notes.txt' / 'map.png'}"],
+         "attention_map="),
+        ("generate: prompt_file not UTF-8", [*gen, f"prompt_file={root / 'latin1_prompt.txt'}"],
+         "latin1_prompt.txt' is not UTF-8"),
+        ("generate: pretrained weights not cached", [*GENERATE, "ckpt=gpt2-xl"], "ckpt=gpt2-xl: not in the local"),
+        ("evaluate: pretrained weights without data", [*EVALUATE, "ckpt=gpt2"], "no training data to fall back on"),
+        ("train: unknown pretrained name", elsewhere("model.init_from=gpt3"), "model.init_from='gpt3' is unknown"),
+        ("train: pretrained weights with rope", elsewhere("model.init_from=gpt2", "model.pos_encoding=rope"),
+         "cannot be combined with model.pos_encoding=rope"),
+        ("train: pretrained weights with char data", elsewhere("model.init_from=gpt2"),
+         "needs data tokenized with tiktoken gpt2"),
+        ("train: pretrained folder that is not one", elsewhere(f"model.init_from={root}", "data.tokenizer=tiktoken"),
+         "not a Hugging Face GPT-2 folder"),
+        ("train: pretrained weights not cached", elsewhere("model.init_from=gpt2-xl", "data.tokenizer=tiktoken"),
+         "model.init_from=gpt2-xl: not in the local Hugging Face cache"),
         ("data: jsonl text field null", [*DATA, "data=text", f"data.path={root / 'null_text.jsonl'}",
                                          f"data_dir={root / 'd2'}"], "data.text_field="),
     ]
@@ -129,7 +147,8 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
 def run_case(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run one case. Cases run three at a time and many point at the same earlier run, whose lock admits one
     training process at a time: a case refused for that reason (the lock doing its job) is run again."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"OMP_NUM_THREADS": "1"}
+    offline = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # never download a GPT-2 in a test
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | offline
     for _ in range(20):
         result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         if "is in use by another training process" not in result.stderr:
