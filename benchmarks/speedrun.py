@@ -2,6 +2,10 @@
 
     python benchmarks/speedrun.py --data-path input.txt                 # speedrun_cpu vs baseline_cpu, 5 seeds
     python benchmarks/speedrun.py --data-path input.txt --recipes speedrun_cpu --seeds 1 --no-write
+    python benchmarks/speedrun.py --data-path input.txt --recipes speedrun_cpu speedrun_cpu:optim.muon_ns_dtype=float32
+
+A recipe is an experiment config, optionally followed by `:` and comma-separated overrides of its own (the same
+recipe with one setting changed is then a recipe of its own, timed side by side).
 
 Each run is a fresh process, `python train.py experiment=<recipe> train.seed=<seed> ...`, timed from just before
 the process starts to the moment it prints its last line, `final val loss X (whole split, window 64)`: Python
@@ -56,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-path", required=True, help="Tiny Shakespeare text file (data.path)")
     p.add_argument("--data", default="shakespeare_char", help="data config (default shakespeare_char)")
     p.add_argument("--data-dir", help="prepared-data folder (default: a temporary one)")
-    p.add_argument("--recipes", nargs="+", default=["speedrun_cpu", "baseline_cpu"], help="experiment configs")
+    p.add_argument("--recipes", nargs="+", default=["speedrun_cpu", "baseline_cpu"],
+                   help="experiment configs, each optionally with its own overrides: NAME:KEY=VALUE,KEY=VALUE")
     p.add_argument("--seeds", type=int, default=5, help="runs per recipe, seeds 1..N")
     p.add_argument("--target", type=float, default=1.90, help="whole-val loss to reach")
     p.add_argument("--window", type=int, default=64, help="evaluation window the recipes use")
@@ -65,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     p.add_argument("--keep-runs", action="store_true", help="keep the run directories (default: deleted at the end)")
     return p.parse_args(argv)
+
+
+def recipe_args(recipe: str) -> list[str]:
+    """`speedrun_cpu:optim.muon_ns_dtype=float32` -> the experiment and its own overrides."""
+    name, _, extra = recipe.partition(":")
+    return [f"experiment={name}", *(o for o in extra.split(",") if o)]
 
 
 def run_env(threads: int | None) -> dict[str, str]:
@@ -145,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(1, args.seeds + 1):
         order = args.recipes if seed % 2 else args.recipes[::-1]
         for recipe in order:
-            run_dir = work / f"{recipe}-seed{seed}"
-            cmd = [sys.executable, "train.py", f"experiment={recipe}", *common, f"train.seed={seed}",
+            run_dir = work / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', recipe)}-seed{seed}"
+            cmd = [sys.executable, "train.py", *recipe_args(recipe), *common, f"train.seed={seed}",
                    f"hydra.run.dir={run_dir}"]
             load = os.getloadavg()[0]
             seconds, loss, last, tail = timed_run(cmd, env)

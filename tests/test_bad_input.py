@@ -26,6 +26,7 @@ TRAIN = [sys.executable, str(ROOT / "train.py")]
 GENERATE = [sys.executable, str(ROOT / "generate.py")]
 DATA = [sys.executable, "-m", "gptmini.data"]
 EVALUATE = [sys.executable, "-m", "gptmini.evaluate"]
+EXPORT = [sys.executable, "-m", "gptmini.export"]
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "train.max_iters=2",
         "train.batch_size=2", "train.eval_interval=0", "train.attn_interval=0", "train.sample_tokens=0",
         "train.final_eval=false", "train.device=cpu"]
@@ -139,6 +140,10 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "not a Hugging Face GPT-2 folder"),
         ("train: pretrained weights not cached", elsewhere("model.init_from=gpt2-xl", "data.tokenizer=tiktoken"),
          "model.init_from=gpt2-xl: not in the local Hugging Face cache"),
+        ("export: missing checkpoint", [*EXPORT, f"ckpt={root / 'gone'}", f"out={root / 'hf'}"], "gone"),
+        ("export: out exists and is not empty", [*EXPORT, f"ckpt={run}", f"out={root}"], "is not empty"),
+        ("export: a char vocabulary", [*EXPORT, f"ckpt={run}", f"out={root / 'hf'}"], "cannot export"),
+        ("export: unknown dtype", [*EXPORT, f"ckpt={run}", f"out={root / 'hf'}", "dtype=int8"], "dtype='int8' is unknown"),
         ("data: jsonl text field null", [*DATA, "data=text", f"data.path={root / 'null_text.jsonl'}",
                                          f"data_dir={root / 'd2'}"], "data.text_field="),
     ]
