@@ -143,7 +143,8 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("export: missing checkpoint", [*EXPORT, f"ckpt={root / 'gone'}", f"out={root / 'hf'}"], "gone"),
         ("export: out exists and is not empty", [*EXPORT, f"ckpt={run}", f"out={root}"], "is not empty"),
         ("export: a char vocabulary", [*EXPORT, f"ckpt={run}", f"out={root / 'hf'}"], "cannot export"),
-        ("export: unknown dtype", [*EXPORT, f"ckpt={run}", f"out={root / 'hf'}", "dtype=int8"], "dtype='int8' is unknown"),
+        ("export: unknown dtype", [*EXPORT, f"ckpt={run}", f"out={root / 'hf'}", "dtype=int8"],
+         "dtype='int8' is unknown"),
         ("data: jsonl text field null", [*DATA, "data=text", f"data.path={root / 'null_text.jsonl'}",
                                          f"data_dir={root / 'd2'}"], "data.text_field="),
     ]
