@@ -9,7 +9,15 @@ GPT-2 folder); pretrained GPT-2 in: `gptmini.pretrained.load_hf_gpt2("gpt2")` ->
 out: `gptmini.export.export_hf(...)`.
 """
 
-from gptmini.attention import (
+import os
+
+# ROCm: consumer Radeon GPUs (RDNA) get PyTorch's fast SDPA kernels (AOTriton flash / memory-efficient) only with
+# this set before torch loads; without it they silently run the math kernel. Set it by default (a value the user
+# set wins); it must come before the first `import torch`, which is why it is the first thing the package does.
+# CUDA builds ignore it. gptmini.kernels reports which kernel really runs.
+os.environ.setdefault("TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL", "1")
+
+from gptmini.attention import (  # noqa: E402  (after the environment above, on purpose)
     ATTENTION_REGISTRY,
     Attention,
     KVCache,

@@ -120,6 +120,9 @@ class ModelConfig:
     n_embd: int = 128
     block_size: int = 256
     vocab_size: int = 256
+    # Embedding and head rows rounded up to a multiple of this (64: GPT-2's 50257 -> 50304, matmul shapes GPUs like);
+    # the extra rows are never predicted: the logits stop at vocab_size.
+    vocab_multiple: int = 1
     dropout: float = 0.0
     bias: bool = True
     pos_encoding: str = "learned"  # "learned" (GPT-2) or "rope"
@@ -127,6 +130,9 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     # Modern-recipe options; the defaults keep GPT-2.
     qk_norm: bool = False  # RMS-normalise each head's queries and keys (no parameters) before the dot product
+    # ... then scale both by a learnable per-dimension gain (init 1): unit-RMS q and k bound q.k/sqrt(hd) by
+    # sqrt(hd), which caps how sharp attention can get; the gain lifts the cap where training wants it.
+    qk_norm_gain: bool = False
     mlp: str = "gelu"  # gelu (exact) | gelu_tanh (the tanh approximation GPT-2 was trained with) | relu2: relu(x)^2
     zero_init_proj: bool = False  # attention and MLP output projections start at zero (each block starts as identity)
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap), so |logits| < cap
@@ -142,6 +148,10 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
     def n_kv_head(self) -> int:
         return self.attention.n_kv_head or self.n_head
 
@@ -151,7 +161,7 @@ class ModelConfig:
             self.attention = AttentionConfig(**self.attention)
         self.attention = with_variant_defaults(self.attention, self.n_head)
         self.attention.validate(complete=True)
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple"):
             check_int(f"model.{name}", getattr(self, name), 1)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
@@ -173,6 +183,8 @@ class ModelConfig:
             )
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"model.mlp={self.mlp!r} is unknown; valid: {', '.join(MLP_KINDS)}")
+        if self.qk_norm_gain and not self.qk_norm:
+            raise ValueError("model.qk_norm_gain=true scales normalised queries and keys; it needs model.qk_norm=true")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise ValueError(f"model.logit_softcap={self.logit_softcap} must be a positive number or null (off)")
         if self.init_from is not None:

@@ -100,13 +100,16 @@ def hf_config(cfg: ModelConfig, tokenizer_spec: Mapping[str, Any] | None, dtype:
 
 def hf_tensors(state_dict: Mapping[str, Tensor], cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Tensor]:
     """A canonical gptmini state dict -> GPT2LMHeadModel's tensors: Linear weights transposed back to Conv1D's
-    (in, out), zero biases for a bias-free model, the tied head left out (from_pretrained ties it to wte)."""
+    (in, out), zero biases for a bias-free model, wte without padding rows, the tied head left out
+    (from_pretrained ties it to wte)."""
     tensors = {}
     for hf_name, name, transposed in key_map(cfg.n_layer):
         tensor = state_dict.get(name)
         if tensor is None and name.endswith(".bias"):  # model.bias=false: a zero bias computes the same thing
             width = state_dict[name.removesuffix(".bias") + ".weight"].shape[0]
             tensor = torch.zeros(width)
+        if name == "wte.weight":
+            tensor = tensor[: cfg.vocab_size]  # model.vocab_multiple's padding rows are not GPT-2's
         tensor = tensor.detach().to("cpu", dtype)
         tensors[f"transformer.{hf_name}"] = (tensor.t() if transposed else tensor).contiguous()
     return tensors

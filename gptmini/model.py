@@ -82,14 +82,14 @@ class GPT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = nn.Embedding(config.padded_vocab, config.n_embd)  # rows past vocab_size: padding, kept at 0
         self.wpe = (
             nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
         )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, config.bias)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (GPT-2)
         if config.pos_encoding == "rope":
             half = config.head_dim // 2
@@ -113,6 +113,7 @@ class GPT(nn.Module):
                 nn.init.normal_(module.in_proj_weight, mean=0.0, std=0.02)
                 if module.in_proj_bias is not None:
                     nn.init.zeros_(module.in_proj_bias)
+        nn.init.zeros_(self.wte.weight[self.config.vocab_size :])  # padding rows: never looked up, never predicted
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith(("out_proj.weight", "mlp.proj.weight")):
@@ -176,13 +177,15 @@ class GPT(nn.Module):
                 attentions.append(weights)
         if kv_cache is not None:
             kv_cache.pos += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, padded_vocab)
+        if self.config.padded_vocab != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # (B, T, vocab_size): padding is never predicted
         cap = self.config.logit_softcap
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)  # smooth clamp to (-cap, cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
             )
         return GPTOutput(logits, loss, attentions)

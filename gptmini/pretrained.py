@@ -338,9 +338,10 @@ def load_pretrained(requested: ModelConfig, *, cache_dir: str | Path | None = No
     """For training with `model.init_from`: the config to build GPT with and the state dict to load into it
     (`build_gpt(cfg, sd)` skips the random initialisation the weights replace).
 
-    Sizes, vocabulary and MLP come from the weights; block_size (wpe cropped to it), dropout and the attention
-    variant from `requested`, as does init_from (kept, so the checkpoint records where training started). The
-    weights' vocabulary must be GPT-2's, since the data's tokenizer must be (`check_pretrained_tokenizer`)."""
+    Sizes, vocabulary and MLP come from the weights; block_size (wpe cropped to it), dropout, vocab_multiple
+    (wte padded with zero rows) and the attention variant from `requested`, as does init_from (kept, so the
+    checkpoint records where training started). The weights' vocabulary must be GPT-2's, since the data's
+    tokenizer must be (`check_pretrained_tokenizer`)."""
     ref = requested.init_from
     if ref is None:
         raise ValueError("load_pretrained needs a ModelConfig with model.init_from set")
@@ -349,8 +350,13 @@ def load_pretrained(requested: ModelConfig, *, cache_dir: str | Path | None = No
     cfg, sd = _load_folder(folder, f"model.init_from={ref}", requested.attention)
     check_gpt2_vocabulary(folder, cfg, f"model.init_from={ref}")
     check_pretrained_compatible(requested, positions=cfg.block_size)
-    cfg = dataclasses.replace(cfg, block_size=requested.block_size, dropout=requested.dropout, init_from=ref)
+    cfg = dataclasses.replace(cfg, block_size=requested.block_size, dropout=requested.dropout, init_from=ref,
+                              vocab_multiple=requested.vocab_multiple)
     sd["wpe.weight"] = sd["wpe.weight"][: requested.block_size].contiguous()
+    padding = cfg.padded_vocab - cfg.vocab_size  # model.vocab_multiple: zero rows, as GPT's own init has them
+    if padding:
+        wte = sd["wte.weight"]
+        sd["wte.weight"] = sd["lm_head.weight"] = torch.cat([wte, wte.new_zeros(padding, wte.size(1))])
     return cfg, sd
 
 

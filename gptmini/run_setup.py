@@ -21,6 +21,7 @@ from gptmini.checkpoint import check_compatible, checkpoint_dir, load_checkpoint
 from gptmini.config import ModelConfig, RunConfig
 from gptmini.device import DeviceInfo, describe, resolve_device, resolve_dtype
 from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_state, resolve_strategy, wrap_model
+from gptmini.kernels import KernelReport, math_fallback_warning, probe_attention_kernel
 from gptmini.model import GPT
 from gptmini.optim import make_optimizer, ns_dtype_note
 from gptmini.pretrained import (
@@ -65,6 +66,7 @@ class RunParts:
     optimizer: Any
     resume: dict[str, Any] | None  # the checkpoint to continue from
     notes: list[str]  # start-up lines for the log
+    kernel: KernelReport | None = None  # the attention kernel that serves the model (probed on GPUs)
 
 
 def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
@@ -89,12 +91,25 @@ def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
         model.load_state_dict(resume["model"])
     elif model_cfg.init_from is not None:
         notes.append(f"initialised from pretrained GPT-2 weights: {model_cfg.init_from}")
+    kernel = probe_kernel(model, model_cfg, hw) if wants_kernel_probe(hw.device) else None
+    if kernel is not None:
+        notes += [kernel.line()] + [w for w in [math_fallback_warning(kernel, hw.device)] if w]
     wrapped = wrap_model(model, hw.strategy, hw.device)  # FSDP shards `model` in place: build the optimizer after
     optimizer = make_optimizer(model, cfg, hw.device)
     if resume is not None:
         load_optimizer_state(model, optimizer, resume["optimizer"], hw.strategy)
     return RunParts(hw=hw, data=data, model_cfg=model_cfg, model=model, wrapped=wrapped, optimizer=optimizer,
-                    resume=resume, notes=notes)
+                    resume=resume, notes=notes, kernel=kernel)
+
+
+def wants_kernel_probe(device: torch.device) -> bool:
+    """GPUs only: there the backend decides the speed, and a CPU run's start-up time stays as it is."""
+    return device.type == "cuda"
+
+
+def probe_kernel(model: GPT, model_cfg: ModelConfig, hw: Hardware) -> KernelReport:
+    """Which SDPA backend the model's attention gets at its training shape (one layer, one sequence)."""
+    return probe_attention_kernel(model.blocks[0].attn, hw.device, hw.dtype, model_cfg.block_size, training=True)
 
 
 def resolve_hardware(cfg: RunConfig, env: DistEnv) -> Hardware:

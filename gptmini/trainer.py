@@ -213,6 +213,8 @@ class TrainingRun:
         self.log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={self.model_cfg.attention.name}")
         self.tb.text("system/backend", f"{self.hw.info.backend}; dtype {self.hw.dtype}; torch {torch.__version__}; "
                      f"{self.hw.env.world_size} process(es)", self.trainer.step, code=False)
+        if self.parts.kernel is not None:
+            self.tb.text("system/attention_kernel", self.parts.kernel.line(), self.trainer.step, code=False)
 
     # -- cadence hooks ----------------------------------------------------------------------------------------
 

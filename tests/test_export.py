@@ -87,7 +87,8 @@ def test_the_folder_loads_in_transformers_with_the_same_logits(exported):
 
 
 @pytest.mark.parametrize("fields", [dict(mlp="gelu"), dict(bias=False), dict(attention=AttentionConfig("torch_mha")),
-                                    dict(attention=AttentionConfig("mha"), vocab_size=300)])
+                                    dict(attention=AttentionConfig("mha"), vocab_size=300),
+                                    dict(vocab_size=300, vocab_multiple=64)])  # padding rows are not exported
 def test_other_exportable_models(tmp_path, fields):
     model = tiny_gpt(seed=2, **fields)
     export_hf(model, None, tmp_path / "out")  # no tokenizer spec: weights only

@@ -167,3 +167,21 @@ def test_config_roundtrip_through_plain_dict():
     cfg = tiny("gqa", pos_encoding="rope")
     again = ModelConfig(**dataclasses.asdict(cfg))
     assert again == cfg
+
+
+def test_a_padded_vocabulary_computes_the_unpadded_model():
+    plain = GPT(tiny_config("sdpa", vocab_size=37)).eval()
+    padded = GPT(tiny_config("sdpa", vocab_size=37, vocab_multiple=16)).eval()
+    assert padded.config.padded_vocab == 48 and padded.wte.weight.shape == (48, 32)
+    assert padded.lm_head.weight is padded.wte.weight and not padded.wte.weight[37:].any()  # zero padding rows
+    with torch.no_grad():
+        for name, p in padded.state_dict().items():
+            source = plain.state_dict()[name]
+            p[: source.size(0)].copy_(source)
+    idx = torch.randint(0, 37, (2, 16))
+    ours, theirs = padded(idx, targets=idx), plain(idx, targets=idx)
+    assert ours.logits.shape == (2, 16, 37)  # a padding id can never be sampled
+    assert torch.equal(ours.logits, theirs.logits) and torch.equal(ours.loss, theirs.loss)
+    assert ModelConfig(vocab_size=50257, vocab_multiple=64).padded_vocab == 50304
+    with pytest.raises(ValueError, match=r"^model.vocab_multiple=0 "):
+        ModelConfig(vocab_multiple=0)

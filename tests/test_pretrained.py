@@ -289,6 +289,15 @@ def test_load_pretrained_keeps_the_run_options_and_crops_positions(gpt2_vocab_fo
         load_pretrained(dataclasses.replace(requested, init_from=str(tiny[1])))
 
 
+def test_a_padded_vocabulary_pads_the_pretrained_embedding_with_zero_rows(gpt2_vocab_folder):
+    model, folder = gpt2_vocab_folder
+    cfg, sd = load_pretrained(ModelConfig(init_from=str(folder), block_size=64, vocab_multiple=64))
+    gpt = build_gpt(cfg, sd).eval()
+    assert gpt.wte.weight.shape == (50304, 64) and not gpt.wte.weight[50257:].any()
+    idx = tokens(50257)
+    assert (gpt(idx).logits - hf_logits(model, idx)).abs().max().item() < TOL
+
+
 @pytest.fixture(scope="module")
 def gpt2_vocab_folder(tmp_path_factory) -> tuple[object, Path]:
     model = hf_gpt2(vocab_size=50257, seed=5)

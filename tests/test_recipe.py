@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from gptmini.attention import ATTENTION_REGISTRY, build_attention, normalize_heads, weight_compatible_variants
 from gptmini.checkpoint import load_checkpoint
 from gptmini.cli import to_dataclass
-from gptmini.config import AttentionConfig, RunConfig, TrainConfig
+from gptmini.config import AttentionConfig, OptimConfig, RunConfig, TrainConfig
 from gptmini.model import GPT, MLP
 from gptmini.optim import (
     NS_COEFFS,
@@ -130,6 +130,46 @@ def test_qk_norm_in_every_variant_matches_mha(name, pos):
     torch.testing.assert_close(w, want_w, atol=1e-5, rtol=1e-5)
     if pos == "learned":  # and mha itself is the written-out reference
         torch.testing.assert_close(want_y, qk_norm_reference(ref, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", QK_NORM_VARIANTS)
+def test_qk_norm_gain_scales_every_variants_normalised_queries_and_keys(name):
+    """With gain g, q and k become g * q/rms(q), g * k/rms(k): the reference with the gain written out, g random."""
+    torch.manual_seed(0)
+    over = {"attention": AttentionConfig("swa", window=16)} if name == "swa" else {}
+    variant = build_attention(cfg(name, qk_norm=True, qk_norm_gain=True, **over)).eval()
+    assert isinstance(variant.qk_gain, torch.nn.Parameter) and torch.equal(variant.qk_gain, torch.ones(8))
+    with torch.no_grad():
+        variant.qk_gain.copy_(torch.rand(8) * 3)
+    ref = build_attention(cfg("mha", qk_norm=True, qk_norm_gain=True)).eval()
+    ref.load_state_dict(repeat_kv(variant.state_dict(), 4, 2) if name == "gqa" else variant.state_dict())
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        y = variant(x)[0]
+        sd = ref.state_dict()  # the written-out reference, the gain applied after the normalisation
+        B, T, C = x.shape
+        qkv = x @ sd["qkv.weight"].T + sd["qkv.bias"]
+        q, k, v = (t.reshape(B, T, 4, 8).transpose(1, 2) for t in qkv.split(C, dim=-1))
+        q, k = q / rms(q) * sd["qk_gain"], k / rms(k) * sd["qk_gain"]
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(torch.ones(T, T).bool().triu(1), -math.inf)
+        want = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C) @ sd["out_proj.weight"].T + sd["out_proj.bias"]
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_qk_norm_gain_learns_goes_to_adamw_undecayed_and_needs_qk_norm():
+    run = RunConfig(model=cfg("sdpa", qk_norm=True, qk_norm_gain=True), optim=OptimConfig(name="muon",
+                                                                                          weight_decay=0.1))
+    model = GPT(run.model)
+    optimizer = make_optimizer(model, run, torch.device("cpu"))
+    assert isinstance(optimizer, MuonWithAdamW)
+    gains = {id(p) for n, p in model.named_parameters() if n.endswith("qk_gain")}
+    assert len(gains) == 2  # one per layer
+    assert gains <= {id(p) for g in optimizer.adamw.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    idx = torch.randint(0, 37, (2, 12))
+    model(idx, targets=idx).loss.backward()
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "qk_gain" in n)
+    with pytest.raises(ValueError, match=r"^model.qk_norm_gain=true .* needs model.qk_norm=true$"):
+        cfg("sdpa", qk_norm_gain=True)
 
 
 @pytest.mark.parametrize("src", [n for n in weight_compatible_variants() if n != "torch_mha"])
@@ -481,7 +521,7 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_siz
         "train.max_iters=6", "train.warmup_iters=2", "train.eval_window=16"]
 
 
-@pytest.mark.parametrize("experiment", ["speedrun_cpu", "baseline_cpu", "speedrun_gpu", "gpt2_gpu"])
+@pytest.mark.parametrize("experiment", ["speedrun_cpu", "baseline_cpu", "speedrun_gpu", "baseline_gpu", "gpt2_gpu"])
 def test_experiment_composes_and_trains_a_few_steps(tmp_path, corpus, experiment):
     overrides = [f"experiment={experiment}", "data=text", f"data.path={corpus}", f"data_dir={tmp_path / 'data'}",
                  *TINY, "train.device=cpu"]

@@ -161,6 +161,8 @@ class Attention(nn.Module):
         self.window: int | None = None  # only `swa` limits how far back a query sees
         self.bias = config.bias
         self.qk_norm = config.qk_norm
+        # model.qk_norm_gain: one gain per head dimension, shared by queries and keys (so q.k scales by gain^2).
+        self.qk_gain = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm_gain else None
         self.attn_dropout = nn.Dropout(config.dropout)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         # What one layer keeps per position in a KVCache: (heads, width). torch_mha caches its inputs instead.
@@ -173,8 +175,11 @@ class Attention(nn.Module):
         return config.n_head
 
     def position_qk(self, x: Tensor, rope: Rope | None) -> Tensor:
-        """What happens to queries and keys (..., T, hd) before the dot product: QK-norm (when on), then RoPE."""
-        return apply_rope(normalize_heads(x) if self.qk_norm else x, rope)
+        """What happens to queries and keys (..., T, hd) before the dot product: QK-norm (when on, with its gain
+        when model.qk_norm_gain), then RoPE."""
+        if self.qk_norm:
+            x = normalize_heads(x) if self.qk_gain is None else normalize_heads(x) * self.qk_gain  # (..., T, hd)
+        return apply_rope(x, rope)
 
     # Subclasses whose internal layout differs from the canonical one override these two.
     def _to_canonical(self, sd: dict[str, Tensor], prefix: str) -> None:
