@@ -50,6 +50,9 @@ MODELS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
 }
 GOALS = {"default": 10.0, "gpt2": 2.0}  # the goal for the cache's speed-up on a 2-core CPU
+# The GPU issue's goals (batch 1, one H100): >= 10x the no-cache path for both models, >= 3,000 tok/s for GPT-2.
+# Measured there before this benchmark was last changed: GPT-2 313 tok/s (1.24x), default 878 tok/s (1.02x).
+GPU_GOALS = {"default": (10.0, None), "gpt2": (10.0, 3000.0)}
 
 
 @dataclass
@@ -148,9 +151,16 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device) ->
         lines.append(
             f"| {row.model} | {row.params / 1e6:.2f}M | {row.block} | {row.new_tokens} | {row.past_block} | "
             f"{threads} | {row.rounds} | {row.new_tokens / row.off_s:.1f} | {row.new_tokens / row.on_s:.1f} | "
-            f"{row.speedup:.2f}× | {GOALS[row.model]:.0f}× |"
+            f"{row.speedup:.2f}× | {goal_text(row.model, device)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def goal_text(model: str, device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"{GOALS[model]:.0f}×"
+    speedup, tok_s = GPU_GOALS[model]
+    return f"{speedup:.0f}×" + (f", ≥ {tok_s:,.0f} tok/s" if tok_s else "")
 
 
 def main(argv: list[str] | None = None) -> None:
