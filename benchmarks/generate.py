@@ -64,12 +64,19 @@ class Row:
     block: int
     new_tokens: int
     past_block: int  # new tokens generated with a full, sliding window
-    off_s: float
-    on_s: float
+    seconds: dict[str, float]  # best time per decoding mode (MODES)
+
+    def tok_s(self, mode: str) -> str:
+        return f"{self.new_tokens / self.seconds[mode]:.1f}" if mode in self.seconds else "–"
+
+    @property
+    def best(self) -> str:
+        """The fastest cached mode."""
+        return min((m for m in self.seconds if m != "none"), key=self.seconds.__getitem__)
 
     @property
     def speedup(self) -> float:
-        return self.off_s / self.on_s
+        return self.seconds["none"] / self.seconds[self.best]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", default="sdpa", help="attention variant (default: sdpa, the default)")
     p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                    help="CPU threads; several values give a row each (default: torch's default)")
+    p.add_argument("--modes", nargs="+", choices=tuple(MODES),
+                   help="decoding modes (default: all; GPT-2 on a CPU: cache and none, the others take minutes)")
     p.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     return p.parse_args(argv)
 
@@ -91,35 +100,40 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(model: GPT, prompt: torch.Tensor, n: int, kv_cache: bool) -> tuple[float, torch.Tensor]:
+# How each column decodes (keyword arguments of gptmini.sampling.generate).
+MODES = {"cache": {}, "none": {"kv_cache": False}, "static": {"static": True},
+         "compiled": {"static": True, "compile": True}}
+
+
+def timed(model: GPT, prompt: torch.Tensor, n: int, mode: str) -> tuple[float, torch.Tensor]:
     synchronize(prompt.device)
     start = time.perf_counter()
-    out = generate(model, prompt, n, temperature=0.0, kv_cache=kv_cache)
+    out = generate(model, prompt, n, temperature=0.0, **MODES[mode])
     synchronize(prompt.device)
     return time.perf_counter() - start, out
 
 
-def measure(name: str, n: int, rounds: int, device: torch.device, attention: str, threads: int) -> Row:
+def measure(name: str, n: int, rounds: int, device: torch.device, attention: str, threads: int,
+            modes: list[str]) -> Row:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = ModelConfig(**MODELS[name], attention=AttentionConfig(attention))
     model = GPT(cfg).to(device).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)  # (1, 1): one token
-    for kv_cache in (True, False):  # warm-up: first-call allocations, kernel selection
-        timed(model, prompt, min(n, 8), kv_cache)
-    times: dict[bool, list[float]] = {True: [], False: []}
+    for mode in modes:  # warm-up: first-call allocations, kernel selection, compilation
+        timed(model, prompt, n if mode == "compiled" else min(n, 8), mode)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     for r in range(rounds):
         outs = {}
-        for kv_cache in (True, False) if r % 2 == 0 else (False, True):
-            seconds, outs[kv_cache] = timed(model, prompt, n, kv_cache)
-            times[kv_cache].append(seconds)
-            print(f"  {name} {n} tokens, {threads} threads, kv_cache={kv_cache}: {seconds:.2f} s", file=sys.stderr,
-                  flush=True)
-        if not torch.equal(outs[True], outs[False]):
-            raise SystemExit(f"{name}: cached and uncached generation disagree; not benchmarking a broken path")
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            seconds, outs[mode] = timed(model, prompt, n, mode)
+            times[mode].append(seconds)
+            print(f"  {name} {n} tokens, {threads} threads, {mode}: {seconds:.2f} s", file=sys.stderr, flush=True)
+        if any(not torch.equal(out, outs["none"]) for out in outs.values()):
+            raise SystemExit(f"{name}: the decoding modes disagree; not benchmarking a broken path")
     past = max(0, prompt.size(1) + n - 1 - cfg.block_size)  # token k is predicted from P + k - 1 tokens
-    return Row(name, threads, rounds, model.num_parameters(), cfg.block_size, n, past, min(times[False]),
-               min(times[True]))
+    return Row(name, threads, rounds, model.num_parameters(), cfg.block_size, n, past,
+               {mode: min(ts) for mode, ts in times.items()})
 
 
 def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device) -> str:
@@ -127,13 +141,13 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device) ->
     if hasattr(os, "getloadavg"):
         load = f" Load average (1 min) when the table was written: {os.getloadavg()[0]:.1f}."
     lines = [
-        "## Generation: KV cache on vs off",
+        "## Generation: KV cache on vs off, static and compiled",
         "",
         f"`{shlex.join(['python', 'benchmarks/generate.py', *sys.argv[1:]])}` on {machine()}.",
         "",
         f"- Batch 1, one-token prompt, greedy, random weights, fp32, attention `{args.attention}`; time of the "
         f"whole generation (prefill included), best of the rounds shown (the least disturbed by other "
-        f"processes), cache on and off alternating; both modes produced identical tokens. "
+        f"processes), the modes alternating; every mode produced the same tokens. "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}.{load}",
         "- *past block*: new tokens predicted from a full `block_size` window that slides. Each costs one "
         "full-window forward in both modes (exact equivalence with the uncached path: no cached key or value "
@@ -142,16 +156,21 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device) ->
         "them all) and keeps the last: for GPT-2's 50257-token vocabulary that is about 30% of the step's matrix "
         "FLOPs.",
         "",
-        "| model | params | block | new tokens | past block | threads | rounds | no cache tok/s | KV cache tok/s "
-        "| speed-up | goal |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "- Columns, tok/s: *no cache*; *KV cache* (the growing cache of the eager path, every variant); *static* (the "
+        "fixed-shape StaticKVCache, eager); *compiled* (static cache, decode step compiled: `mode=reduce-overhead`, "
+        "a CUDA graph, on GPUs; what `generate.py compile=true` runs for the sdpa family). Speed-up: the fastest "
+        "cached column over no cache.",
+        "",
+        "| model | params | block | new tokens | past block | threads | rounds | no cache | KV cache | static "
+        "| compiled | speed-up | goal |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         threads = row.threads if device.type == "cpu" else "–"
         lines.append(
             f"| {row.model} | {row.params / 1e6:.2f}M | {row.block} | {row.new_tokens} | {row.past_block} | "
-            f"{threads} | {row.rounds} | {row.new_tokens / row.off_s:.1f} | {row.new_tokens / row.on_s:.1f} | "
-            f"{row.speedup:.2f}× | {goal_text(row.model, device)} |"
+            f"{threads} | {row.rounds} | {row.tok_s('none')} | {row.tok_s('cache')} | {row.tok_s('static')} | "
+            f"{row.tok_s('compiled')} | {row.speedup:.2f}× ({row.best}) | {goal_text(row.model, device)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -173,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         rounds = args.gpt2_cpu_rounds if name == "gpt2" and device.type == "cpu" else args.rounds
         for threads in args.threads if device.type == "cpu" else [torch.get_num_threads()]:
             for n in lengths:
-                rows.append(measure(name, n, rounds, device, args.attention, threads))
+                modes = args.modes or (list(MODES) if device.type == "cuda" or name != "gpt2" else ["cache", "none"])
+                rows.append(measure(name, n, rounds, device, args.attention, threads, modes))
     table = markdown(rows, args, device)
     print(table)
     if not args.no_write:

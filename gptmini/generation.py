@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import torch
 
 from gptmini.checkpoint import load_for_inference
 from gptmini.config import GenerateConfig
 from gptmini.device import autocast, resolve_device, resolve_dtype
-from gptmini.model import GPT
 from gptmini.sampling import generate_stream
 from gptmini.tokenizer import Tokenizer
 
@@ -140,15 +139,21 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
             save_prompt_attention(model, tokenizer, idx[:1], cfg.attention_map, cfg.attention_tb,
                                   cfg.attention_layers, cfg.attention_heads)
 
+    # compile=true: a compiled decode step over a static KV cache where the variant has one (the sdpa family),
+    # else the whole model compiled for any shape.
+    static = cfg.compile and cfg.kv_cache and model.blocks[0].attn.static_cache
     if cfg.compile:
-        model = compile_for_generation(model, device)
+        check_compiler(device)
+        if not static:
+            model = torch.compile(model, dynamic=True)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     rows = [Continuation(tokenizer, cfg.stop) for _ in range(cfg.num_samples)]
     write = _writer(stream)
     write(prompt)
     with autocast(device, dtype):
         tokens = generate_stream(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, generator=gen, kv_cache=cfg.kv_cache)
+                                 top_p=cfg.top_p, generator=gen, kv_cache=cfg.kv_cache, static=static,
+                                 compile=static)
         for token in tokens:  # (N, 1)
             for row, tok in zip(rows, token[:, 0].tolist(), strict=True):
                 released = row.feed(tok)
@@ -170,14 +175,13 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     return samples
 
 
-def compile_for_generation(model: GPT, device: torch.device) -> Any:
-    """torch.compile the model for decoding; a clear error where compilation cannot work."""
+def check_compiler(device: torch.device) -> None:
+    """torch.compile on CPU needs a C++ compiler: a clear error instead of Inductor's traceback."""
     if device.type == "cpu":
         import shutil
 
         if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "g++", "c++")):
             raise ValueError("compile=true on CPU needs a C++ compiler (none found on PATH); use compile=false")
-    return torch.compile(model, dynamic=True)
 
 
 def _writer(stream: TextIO | None):

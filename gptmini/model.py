@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptmini.attention import KVCache, LayerKVCache, Rope, build_attention
+from gptmini.attention import KVCache, LayerKVCache, Rope, StaticKVCache, build_attention
 from gptmini.config import ModelConfig
 
 
@@ -132,11 +132,15 @@ class GPT(nn.Module):
         max_len: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        static: bool = False,
     ) -> KVCache:
-        """A preallocated cache for generating up to `max_len` (default block_size) positions."""
+        """A preallocated cache for generating up to `max_len` (default block_size) positions; `static`: the
+        fixed-shape StaticKVCache the compiled decode path uses (variants with `static_cache` only)."""
         attn = self.blocks[0].attn
+        if static and not attn.static_cache:
+            raise ValueError(f"attention variant {attn.name!r} has no static KV cache; use the sdpa family")
         ref = self.wte.weight
-        return KVCache(
+        return (StaticKVCache if static else KVCache)(
             self.config.n_layer,
             batch_size,
             attn.cache_heads,
@@ -153,21 +157,29 @@ class GPT(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         return_weights: bool = False,
+        input_pos: Tensor | None = None,
     ) -> GPTOutput:
-        """idx (B, T) token ids; with a kv_cache they continue the cached positions."""
+        """idx (B, T) token ids; with a kv_cache they continue the cached positions.
+
+        With a StaticKVCache, `input_pos` (T,) says which positions idx fills, and the cache's `pos` is left to
+        the caller: nothing here depends on a Python number, so a decode step can be captured as a CUDA graph."""
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than model.block_size={self.config.block_size}; "
-                f"crop the input to the last {self.config.block_size} tokens"
-            )
+        if isinstance(kv_cache, StaticKVCache):
+            kv_cache.input_pos = positions = input_pos  # (T,)
+        else:
+            start = kv_cache.pos if kv_cache is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(
+                    f"sequence of {start + T} tokens is longer than model.block_size={self.config.block_size}; "
+                    f"crop the input to the last {self.config.block_size} tokens"
+                )
+            positions = slice(start, start + T)
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast
+            x = x + self.wpe.weight[positions]  # (T, C) broadcast
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hd/2) x2
+            rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hd/2) x2
         x = self.drop(x)
         attentions = [] if return_weights else None
         for i, block in enumerate(self.blocks):
@@ -175,7 +187,7 @@ class GPT(nn.Module):
             x, weights = block(x, kv_cache=layer_cache, return_weights=return_weights, rope=rope)
             if attentions is not None:
                 attentions.append(weights)
-        if kv_cache is not None:
+        if kv_cache is not None and not isinstance(kv_cache, StaticKVCache):
             kv_cache.pos += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, padded_vocab)
         if self.config.padded_vocab != self.config.vocab_size:

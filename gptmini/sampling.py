@@ -39,6 +39,42 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator)
 
 
+class Decoder:
+    """The KV-cache path: the prompt in one pass (prefill), then one position per call (decode).
+
+    `static` uses a StaticKVCache: every decode step has the same shapes and reads its position from a tensor, so
+    `compile` can turn the step into one compiled graph (`mode="reduce-overhead"`: a CUDA graph on GPUs, where a
+    batch-1 step is otherwise bound by kernel launches); prefill is compiled separately, for any prompt length.
+    Without `static`, the growing cache of the eager path (every variant; `return_weights` needs it too)."""
+
+    def __init__(self, model: GPT, batch_size: int, dtype: torch.dtype | None, static: bool = False,
+                 compile: bool = False) -> None:
+        self.model, self.static = model, static
+        self.cache = model.make_kv_cache(batch_size, dtype=dtype, static=static)
+        self.prefill_fn = self.decode_fn = self._forward
+        if compile:
+            on_gpu = model.wte.weight.device.type == "cuda"
+            self.decode_fn = torch.compile(self._forward, mode="reduce-overhead" if on_gpu else None, dynamic=False)
+            self.prefill_fn = torch.compile(self._forward, dynamic=True)
+
+    @property
+    def pos(self) -> int:
+        return self.cache.pos
+
+    def _forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return self.model(tokens, kv_cache=self.cache, input_pos=input_pos).logits[:, -1]  # (B, V)
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """tokens (B, T) continue the cached positions -> the logits (B, V) of the last one."""
+        if not self.static:
+            return self.model(tokens, kv_cache=self.cache).logits[:, -1]
+        T = tokens.size(1)
+        input_pos = torch.arange(self.cache.pos, self.cache.pos + T, device=tokens.device)  # (T,)
+        logits = (self.decode_fn if T == 1 else self.prefill_fn)(tokens, input_pos)
+        self.cache.advance(T)
+        return logits.clone()  # a CUDA graph's output is overwritten by its next replay
+
+
 @torch.no_grad()
 def generate_stream(
     model: GPT,
@@ -49,6 +85,8 @@ def generate_stream(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     kv_cache: bool = True,
+    static: bool = False,
+    compile: bool = False,
 ) -> Iterator[Tensor]:
     """Yield (B, 1) new tokens one at a time, continuing idx (B, T) (all rows as one batch).
 
@@ -59,27 +97,28 @@ def generate_stream(
     (RoPE too) the hidden states of the tokens that attended to the one that just left change with it. So the
     window is recomputed in one pass per token, exactly as without the cache: cached and uncached decoding
     agree everywhere, and the cache saves work within the first `block_size` tokens only.
+    `static` / `compile`: the fixed-shape cache and the compiled decode step (see Decoder).
     """
     if max_new_tokens <= 0:
         return
     block = model.config.block_size
     context = idx[:, -block:]  # (B, <= block)
-    cache = None
+    decoder = None
     if kv_cache and context.size(1) < block:
         kind = idx.device.type  # under autocast, keep keys and values in the dtype they are computed in
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-        cache = model.make_kv_cache(idx.size(0), dtype=dtype)
-    logits = model(context, kv_cache=cache).logits[:, -1]  # prefill: (B, V)
+        decoder = Decoder(model, idx.size(0), dtype, static=static, compile=compile)
+    logits = decoder(context) if decoder is not None else model(context).logits[:, -1]  # prefill: (B, V)
     for i in range(max_new_tokens):
         token = next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
         yield token
         if i == max_new_tokens - 1:
             break
         context = torch.cat([context, token], dim=1)[:, -block:]  # (B, <= block)
-        if cache is not None and cache.pos < block:
-            logits = model(token, kv_cache=cache).logits[:, -1]  # one new position
+        if decoder is not None and decoder.pos < block:
+            logits = decoder(token)  # one new position
         else:  # no cache, or the window is full and slides: the whole window in one pass
-            cache = None
+            decoder = None
             logits = model(context).logits[:, -1]
 
 

@@ -21,7 +21,7 @@ Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (
 (every variant but flex) and `flex`.
 """
 
-from gptmini.attention.cache import KVCache, LayerKVCache
+from gptmini.attention.cache import KVCache, LayerKVCache, StaticKVCache
 from gptmini.attention.core import (
     ATTENTION_REGISTRY,
     Attention,
@@ -65,6 +65,7 @@ __all__ = [
     "GroupedQueryAttention",
     "KVCache",
     "LayerKVCache",
+    "StaticKVCache",
     "MultiHeadAttention",
     "PackedQKVBase",
     "Rope",

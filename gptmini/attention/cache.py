@@ -54,3 +54,41 @@ class LayerKVCache:
         self.cache.k[self.index, :, :, start:end] = k
         self.cache.v[self.index, :, :, start:end] = v
         return self.cache.k[self.index, :, :, :end], self.cache.v[self.index, :, :, :end]
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose every decode step has the same shapes, so `torch.compile(mode="reduce-overhead")` can
+    capture it as a CUDA graph: the positions being written are a tensor (`input_pos`, set by the model from its
+    `input_pos` argument), keys and values are written in place with `index_copy_`, and attention always reads
+    the whole buffer under a mask of the filled positions. Served by the sdpa family (`static_cache = True`).
+
+    `pos` (how many positions are filled) is kept by the caller, outside the captured step (`advance`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=self.k.device)  # (T,) the positions being written
+        self.k_pos = torch.arange(self.max_len, device=self.k.device)  # (max_len,)
+
+    def layer(self, index: int) -> StaticLayerKVCache:
+        return StaticLayerKVCache(self, index)
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+
+class StaticLayerKVCache(LayerKVCache):
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H_kv, T, hd) at `input_pos`; return the whole buffers (B, H_kv, max_len, hd)."""
+        cache = self.cache
+        cache.k[self.index].index_copy_(2, cache.input_pos, k.to(cache.k.dtype))
+        cache.v[self.index].index_copy_(2, cache.input_pos, v.to(cache.v.dtype))
+        return cache.k[self.index], cache.v[self.index]
+
+    def keep_mask(self, window: int | None) -> Tensor:
+        """Bool (T, max_len): query at input_pos[i] sees the filled keys j <= input_pos[i] (within `window`)."""
+        q_pos = self.cache.input_pos[:, None]  # (T, 1)
+        k_pos = self.cache.k_pos[None, :]  # (1, max_len)
+        keep = k_pos <= q_pos
+        if window is not None:
+            keep &= q_pos - k_pos < window
+        return keep

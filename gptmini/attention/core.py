@@ -149,6 +149,8 @@ class Attention(nn.Module):
     # Which of OPTIONAL_KEYS this variant reads (a value set for any other key is refused), and which it needs.
     reads: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[tuple[str, ...]] = ()
+    # True when forward understands a StaticKVCache (fixed-shape decoding that CUDA graphs can capture).
+    static_cache: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

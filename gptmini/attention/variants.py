@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from gptmini.attention.cache import StaticLayerKVCache
 from gptmini.attention.core import (
     Attention,
     PackedQKVBase,
@@ -161,6 +162,8 @@ class SDPAttention(PackedQKVBase):
     """PyTorch's fused `scaled_dot_product_attention`: flash / memory-efficient kernels on CUDA and ROCm.
     The default. Also the base of `gqa` and `swa`, which only change the key/value heads or the mask."""
 
+    static_cache = True  # decodes with a StaticKVCache (the compiled, CUDA-graph-friendly decode path)
+
     def forward(self, x, kv_cache=None, return_weights=False, rope=None):
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H_kv, Tk, hd) x2
         if return_weights:
@@ -168,7 +171,9 @@ class SDPAttention(PackedQKVBase):
             return self.out_proj(merge_heads(y)), weights
         T, Tk = q.size(2), k.size(2)
         dropout_p = self.attn_dropout.p if self.training else 0.0
-        if T == Tk and self.window is None:
+        if isinstance(kv_cache, StaticLayerKVCache):
+            mask, causal = kv_cache.keep_mask(self.window), False  # (T, max_len): the filled positions only
+        elif T == Tk and self.window is None:
             mask, causal = None, True  # the fast path: no mask tensor at all
         elif T == 1 and self.window is None:
             mask, causal = None, False  # one new token sees the whole cache
