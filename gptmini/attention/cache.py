@@ -68,6 +68,10 @@ class StaticKVCache(KVCache):
         super().__init__(*args, **kwargs)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=self.k.device)  # (T,) the positions being written
         self.k_pos = torch.arange(self.max_len, device=self.k.device)  # (max_len,)
+        # Buffers the compiled step writes in place: marked static, CUDA graphs keep them (as they keep a module's
+        # buffers) instead of skipping the graph for "mutated inputs".
+        for buffer in (self.k, self.v):
+            torch._dynamo.mark_static_address(buffer)
 
     def layer(self, index: int) -> StaticLayerKVCache:
         return StaticLayerKVCache(self, index)
