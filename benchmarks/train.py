@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (GPU GPT-2 recipe: 4)")
+    p.add_argument("--grad-accum", type=int,
+                   help="micro-batches per step (default: 4 for GPT-2 on a GPU, experiment=gpt2_gpu's global batch; "
+                        "else 1)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time torch.compile (default on GPU)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
@@ -70,6 +72,7 @@ class Case:
                  grad_accum: int = 1):
         cfg = dataclasses.replace(MODELS[model_name], attention=AttentionConfig(variant))
         self.label = (model_name, variant, "compiled" if compiled else "eager")
+        self.grad_accum = grad_accum
         self.batch = BATCH[device.type][model_name]
         self.tokens = self.batch * cfg.block_size * grad_accum  # per optimizer step
         torch.manual_seed(0)
@@ -106,7 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     dtype = resolve_dtype(args.dtype, device)
     models = args.models or (["default", "baby"] + (["gpt2", "gpt2-pad64"] if device.type == "cuda" else []))
     compiled = [False] + ([True] if args.compile or device.type == "cuda" else [])
-    cases = [Case(m, v, c, device, dtype, args.grad_accum) for m in models for v in args.variants for c in compiled]
+    def accum(model_name: str) -> int:
+        if args.grad_accum is not None:
+            return args.grad_accum
+        return 4 if model_name.startswith("gpt2") and device.type == "cuda" else 1
+
+    cases = [Case(m, v, c, device, dtype, accum(m)) for m in models for v in args.variants for c in compiled]
     for case in cases:
         for _ in range(args.warmup):
             case.step()
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         util = mfu(tok_s, case.flops, peak)
         lines.append(
             f"| {case.label[0]} | {case.label[1]} | {case.label[2]} | {case.batch} x "
-            f"{case.tokens // case.batch // args.grad_accum} x {args.grad_accum} | "
+            f"{case.tokens // case.batch // case.grad_accum} x {case.grad_accum} | "
             f"{per_step * 1e3:.1f} | {tok_s:,.0f} | {'n/a' if ref is None else f'{tok_s / ref:.2f}x'} | "
             f"{tok_s * case.flops / 1e12:.3f} | {'n/a' if util is None else f'{util:.1%}'} |"
         )
