@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="micro-batches per step (default: 4 for GPT-2 on a GPU, experiment=gpt2_gpu's global batch; "
                         "else 1)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--loss-chunk", type=int, help="also time the fused, chunked LM loss (train.loss_chunk=N)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (default on GPU)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     return p.parse_args(argv)
@@ -69,16 +70,17 @@ class Case:
     """One (model, variant, compiled) configuration: its own model, optimizer and Trainer, and a fixed batch."""
 
     def __init__(self, model_name: str, variant: str, compiled: bool, device: torch.device, dtype: torch.dtype,
-                 grad_accum: int = 1):
+                 grad_accum: int = 1, loss_chunk: int | None = None):
         cfg = dataclasses.replace(MODELS[model_name], attention=AttentionConfig(variant))
-        self.label = (model_name, variant, "compiled" if compiled else "eager")
+        mode = ("compiled" if compiled else "eager") + (f", loss in chunks of {loss_chunk}" if loss_chunk else "")
+        self.label = (model_name, variant, mode)
         self.grad_accum = grad_accum
         self.batch = BATCH[device.type][model_name]
         self.tokens = self.batch * cfg.block_size * grad_accum  # per optimizer step
         torch.manual_seed(0)
         model = GPT(cfg).to(device).train()
         run_cfg = RunConfig(model=cfg, train=TrainConfig(batch_size=self.batch, grad_accum=grad_accum,
-                                                         compile=compiled, warmup_iters=0))
+                                                         compile=compiled, warmup_iters=0, loss_chunk=loss_chunk))
         hw = Hardware(env=DistEnv(), device=device, dtype=dtype, info=describe(device), strategy="none")
         self.trainer = Trainer(run_cfg, model, make_optimizer(model, run_cfg, device), hw)
         x = torch.randint(cfg.vocab_size, (self.batch, cfg.block_size), device=device)  # (B, T)
@@ -114,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
             return args.grad_accum
         return 4 if model_name.startswith("gpt2") and device.type == "cuda" else 1
 
-    cases = [Case(m, v, c, device, dtype, accum(m)) for m in models for v in args.variants for c in compiled]
+    chunks = [None] + ([args.loss_chunk] if args.loss_chunk else [])
+    cases = [Case(m, v, c, device, dtype, accum(m), k)
+             for m in models for v in args.variants for c in compiled for k in chunks]
     for case in cases:
         for _ in range(args.warmup):
             case.step()

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from gptmini.attention import KVCache, LayerKVCache, Rope, StaticKVCache, build_attention
 from gptmini.config import ModelConfig
+from gptmini.loss import IGNORE, chunked_lm_loss
 
 
 class LayerNorm(nn.Module):
@@ -72,7 +73,7 @@ class Block(nn.Module):
 
 
 class GPTOutput(NamedTuple):
-    logits: Tensor  # (B, T, vocab_size)
+    logits: Tensor | None  # (B, T, vocab_size); None when the loss was computed fused (loss_chunk)
     loss: Tensor | None  # mean cross-entropy when targets were given
     attentions: list[Tensor] | None  # per layer (B, H, T, T_total) when return_weights
 
@@ -158,12 +159,42 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         return_weights: bool = False,
         input_pos: Tensor | None = None,
+        loss_chunk: int | None = None,
     ) -> GPTOutput:
         """idx (B, T) token ids; with a kv_cache they continue the cached positions.
 
         With a StaticKVCache, `input_pos` (T,) says which positions idx fills, and the cache's `pos` is left to
-        the caller: nothing here depends on a Python number, so a decode step can be captured as a CUDA graph."""
-        B, T = idx.shape
+        the caller: nothing here depends on a Python number, so a decode step can be captured as a CUDA graph.
+        With targets and `loss_chunk`, the head and the loss run fused, that many rows at a time
+        (gptmini.loss), and no logits are returned (None)."""
+        x, rope = self.embed(idx, kv_cache, input_pos)  # (B, T, C)
+        attentions = [] if return_weights else None
+        for i, block in enumerate(self.blocks):
+            layer_cache = kv_cache.layer(i) if kv_cache is not None else None
+            x, weights = block(x, kv_cache=layer_cache, return_weights=return_weights, rope=rope)
+            if attentions is not None:
+                attentions.append(weights)
+        if kv_cache is not None and not isinstance(kv_cache, StaticKVCache):
+            kv_cache.pos += idx.size(1)
+        x = self.ln_f(x)
+        cap, V = self.config.logit_softcap, self.config.vocab_size
+        if targets is not None and loss_chunk:
+            loss = chunked_lm_loss(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), V, cap,
+                                   loss_chunk)
+            return GPTOutput(None, loss, attentions)
+        logits = self.lm_head(x)  # (B, T, padded_vocab)
+        if self.config.padded_vocab != V:
+            logits = logits[..., :V]  # (B, T, vocab_size): padding is never predicted
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)  # smooth clamp to (-cap, cap)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE)
+        return GPTOutput(logits, loss, attentions)
+
+    def embed(self, idx: Tensor, kv_cache: KVCache | None, input_pos: Tensor | None) -> tuple[Tensor, Rope | None]:
+        """Token (+ learned position) embeddings (B, T, C) after dropout, and the RoPE tables for these positions."""
+        T = idx.size(1)
         if isinstance(kv_cache, StaticKVCache):
             kv_cache.input_pos = positions = input_pos  # (T,)
         else:
@@ -180,24 +211,4 @@ class GPT(nn.Module):
             x = x + self.wpe.weight[positions]  # (T, C) broadcast
         else:
             rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hd/2) x2
-        x = self.drop(x)
-        attentions = [] if return_weights else None
-        for i, block in enumerate(self.blocks):
-            layer_cache = kv_cache.layer(i) if kv_cache is not None else None
-            x, weights = block(x, kv_cache=layer_cache, return_weights=return_weights, rope=rope)
-            if attentions is not None:
-                attentions.append(weights)
-        if kv_cache is not None and not isinstance(kv_cache, StaticKVCache):
-            kv_cache.pos += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, padded_vocab)
-        if self.config.padded_vocab != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]  # (B, T, vocab_size): padding is never predicted
-        cap = self.config.logit_softcap
-        if cap is not None:
-            logits = cap * torch.tanh(logits / cap)  # smooth clamp to (-cap, cap)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-            )
-        return GPTOutput(logits, loss, attentions)
+        return self.drop(x), rope

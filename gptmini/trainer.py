@@ -119,7 +119,7 @@ class Trainer:
         for micro in range(t.grad_accum):
             x, y = next(batches)
             with grad_sync(self.wrapped, self.hw.strategy, last=micro == t.grad_accum - 1), self.ctx:
-                loss = self.run_model(x, y).loss / t.grad_accum
+                loss = self.run_model(x, y, loss_chunk=t.loss_chunk).loss / t.grad_accum
             self.scaler.scale(loss).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
@@ -284,7 +284,7 @@ class TrainingRun:
         for _ in range(t.eval_iters):
             x, y = sampler.next_batch()
             with self.trainer.ctx:
-                total += self.trainer.run_model(x, y).loss.double()
+                total += self.trainer.run_model(x, y, loss_chunk=t.loss_chunk).loss.double()
         self.trainer.run_model.train()
         return all_reduce_mean(total / t.eval_iters, env).item()
 
