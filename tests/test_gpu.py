@@ -96,3 +96,20 @@ def test_compiled_decoding_gives_the_eager_tokens(tmp_path, corpus):
     eager = run_generation(GenerateConfig(**common), stream=None)
     compiled = run_generation(GenerateConfig(**common, compile=True), stream=None)
     assert compiled == eager
+
+
+def test_the_chunked_loss_in_bf16_matches_the_plain_loss():
+    from gptmini import GPT
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config("sdpa", vocab_size=50257, vocab_multiple=64, **GPU_SHAPE)).to(CUDA)
+    idx = torch.randint(0, 50257, (4, 128), device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = model(idx, idx).loss
+        plain.backward()
+        want = model.lm_head.weight.grad.clone()
+        model.zero_grad()
+        fused = model(idx, idx, loss_chunk=128).loss
+        fused.backward()
+    assert abs(fused.item() - plain.item()) < 1e-2
+    assert (model.lm_head.weight.grad - want).abs().max() < 5e-2 * want.abs().max()
