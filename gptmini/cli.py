@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gptmini.paths import check_writable
+
 T = TypeVar("T")
 
 # The YAML configs, beside the package in the repository (the package is installed in editable mode).
@@ -169,12 +171,7 @@ def _sweep_variants(overrides: list[str]) -> list[list[str]]:
 def _check_run_dir(run_dir: str, explicit: bool) -> None:
     """The run directory must be a directory we can create and write into."""
     key = "hydra.run.dir" if explicit else "the default run directory (hydra.run.dir)"
-    path = Path(run_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{key}={run_dir!r} is a file, not a directory; choose another hydra.run.dir")
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{key}={run_dir!r} is not writable ({existing} is read-only); choose another hydra.run.dir")
+    check_writable(run_dir, key, folder=True, choose="hydra.run.dir")
 
 
 def one_line(message: str) -> str:

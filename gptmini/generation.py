@@ -6,7 +6,6 @@ The model, its tokenizer and vocabulary all come from the checkpoint; the data f
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -16,6 +15,7 @@ import torch
 from gptmini.checkpoint import load_for_inference
 from gptmini.config import GenerateConfig
 from gptmini.device import autocast, resolve_device, resolve_dtype
+from gptmini.paths import check_writable
 from gptmini.sampling import generate_stream
 from gptmini.tokenizer import Tokenizer
 
@@ -97,21 +97,6 @@ def read_prompt(cfg: GenerateConfig) -> str:
         ) from None
 
 
-def check_output_file(value: str | None, key: str) -> None:
-    """Refuse, before any sampling, an output path that cannot become a file: a directory, a path below a file,
-    or a place this process cannot write. Sampling long texts only to lose them at the end helps no one."""
-    if not value:
-        return
-    path = Path(value)
-    if path.is_dir():
-        raise ValueError(f"{key}={value!r} is a directory; give the path of a file to write")
-    existing = next(p for p in (path.parent, *path.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{key}={value!r} lies below {str(existing)!r}, which is a file; choose another {key}")
-    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"{key}={value!r} is not writable ({existing} is read-only); choose another {key}")
-
-
 def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> list[str]:
     """Sample `num_samples` continuations as one batch; return prompt + continuation for each.
 
@@ -122,8 +107,9 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     cfg.validate()
     device = resolve_device(cfg.device, key="device")
     dtype = resolve_dtype(cfg.dtype, device, key="dtype")
-    for key in ("out", "attention_map"):
-        check_output_file(getattr(cfg, key), key)
+    for key in ("out", "attention_map"):  # before sampling: a long sample is not lost at the end
+        if getattr(cfg, key):
+            check_writable(getattr(cfg, key), key, folder=False)
     prompt = read_prompt(cfg)
     model, tokenizer, _, _ = load_for_inference(cfg.ckpt, device, cfg.model.attention)
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
@@ -141,10 +127,10 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
 
     # compile=true: a compiled decode step over a static KV cache where the variant has one (the sdpa family),
     # else the whole model compiled for any shape.
-    static = cfg.compile and cfg.kv_cache and model.blocks[0].attn.static_cache
+    compiled_decode = cfg.compile and cfg.kv_cache and model.blocks[0].attn.static_cache
     if cfg.compile:
         check_compiler(device)
-        if not static:
+        if not compiled_decode:
             model = torch.compile(model, dynamic=True)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     rows = [Continuation(tokenizer, cfg.stop) for _ in range(cfg.num_samples)]
@@ -152,8 +138,7 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     write(prompt)
     with autocast(device, dtype):
         tokens = generate_stream(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, generator=gen, kv_cache=cfg.kv_cache, static=static,
-                                 compile=static)
+                                 top_p=cfg.top_p, generator=gen, kv_cache=cfg.kv_cache, compile=compiled_decode)
         for token in tokens:  # (N, 1)
             for row, tok in zip(rows, token[:, 0].tolist(), strict=True):
                 released = row.feed(tok)

@@ -8,9 +8,10 @@ writes its first file into the run directory, so a bad request never touches an 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from gptmini.pretrained import (
     resolve_pretrained,
 )
 from gptmini.tokenizer import Tokenizer
+
+T = TypeVar("T")
 
 
 class TrainingError(ValueError):
@@ -121,13 +124,22 @@ def resolve_hardware(cfg: RunConfig, env: DistEnv) -> Hardware:
     return Hardware(env=env, device=device, dtype=dtype, info=describe(device), strategy=strategy)
 
 
-def load_data(cfg: RunConfig, env: DistEnv) -> RunData:
-    """One process per machine prepares the data; the others then find it up to date."""
+def local_rank_zero_first(env: DistEnv, work: Callable[[bool], T]) -> T:
+    """`work(True)` on each machine's local rank 0, then `work(False)` on its other ranks once that is done: one
+    process per machine prepares data or downloads weights, the others find them ready."""
     if env.local_rank == 0:
-        prepared = data_lib.prepare(cfg.data, cfg.data_dir)
+        result = work(True)
     barrier(env)
     if env.local_rank != 0:
-        prepared = data_lib.prepare(cfg.data, cfg.data_dir, log=lambda _: None)
+        result = work(False)
+    return result
+
+
+def load_data(cfg: RunConfig, env: DistEnv) -> RunData:
+    """One process per machine prepares the data; the others then find it up to date."""
+    prepared = local_rank_zero_first(
+        env, lambda first: data_lib.prepare(cfg.data, cfg.data_dir, **({} if first else {"log": lambda _: None}))
+    )
     return RunData(tokenizer=prepared.tokenizer, train=prepared.train_tokens(), val=prepared.val_tokens())
 
 
@@ -166,11 +178,7 @@ def build_model(
     if resume is not None:  # the sizes the checkpoint recorded stand in for the weights' folder, which may be gone
         model_cfg = pretrained_sizes(requested, resume)
         return GPT(model_cfg).to(device), model_cfg
-    if env.local_rank != 0:
-        barrier(env)  # local rank 0 downloads first, when it must
-    model_cfg, state_dict = load_pretrained(requested)
-    if env.local_rank == 0:
-        barrier(env)
+    model_cfg, state_dict = local_rank_zero_first(env, lambda _: load_pretrained(requested))  # one download
     return build_gpt(model_cfg, state_dict).to(device), model_cfg
 
 

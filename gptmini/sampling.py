@@ -49,6 +49,7 @@ class Decoder:
 
     def __init__(self, model: GPT, batch_size: int, dtype: torch.dtype | None, static: bool = False,
                  compile: bool = False) -> None:
+        static = static or compile  # only the fixed-shape cache compiles into one graph
         self.model, self.static = model, static
         self.cache = model.make_kv_cache(batch_size, dtype=dtype, static=static)
         self.prefill_fn = self.decode_fn = self._forward
@@ -97,7 +98,7 @@ def generate_stream(
     (RoPE too) the hidden states of the tokens that attended to the one that just left change with it. So the
     window is recomputed in one pass per token, exactly as without the cache: cached and uncached decoding
     agree everywhere, and the cache saves work within the first `block_size` tokens only.
-    `static` / `compile`: the fixed-shape cache and the compiled decode step (see Decoder).
+    `static` / `compile`: the fixed-shape cache and the compiled decode step (compile implies static; see Decoder).
     """
     if max_new_tokens <= 0:
         return

@@ -145,6 +145,11 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("export: a char vocabulary", [*EXPORT, f"ckpt={run}", f"out={root / 'hf'}"], "cannot export"),
         ("export: unknown dtype", [*EXPORT, f"ckpt={run}", f"out={root / 'hf'}", "dtype=int8"],
          "dtype='int8' is unknown"),
+        ("train: qk_norm_gain without qk_norm", trainer("model.qk_norm_gain=true"), "needs model.qk_norm=true"),
+        ("train: zero loss_chunk", trainer("train.loss_chunk=0"), "train.loss_chunk=0"),
+        ("train: zero vocab_multiple", trainer("model.vocab_multiple=0"), "model.vocab_multiple=0"),
+        ("train: run directory below a file", elsewhere(f"hydra.run.dir={root / 'notes.txt' / 'run'}"),
+         "which is a file"),
         ("data: jsonl text field null", [*DATA, "data=text", f"data.path={root / 'null_text.jsonl'}",
                                          f"data_dir={root / 'd2'}"], "data.text_field="),
     ]
