@@ -157,30 +157,37 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon updates 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure: Any = None, found_inf: Tensor | None = None) -> Any:
+        """One update; where `found_inf` (a 0-dim device tensor) is non-zero, parameters and momentum stay exactly
+        as they were. That is decided on the device, so the host never waits for the step to finish."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        keep = None if found_inf is None else found_inf == 0  # 0-dim bool on the device
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            mu = group["momentum"]
+            mu, lr = group["momentum"], group["lr"]
             grads = [p.grad for p in params]
+            if keep is not None:  # a skipped step: zero gradients, momentum kept (x1), learning rate 0
+                grads = [torch.where(keep, g, 0.0) for g in grads]  # non-finite gradients never reach the momentum
+                mu_keep, lr = torch.where(keep, mu, 1.0), torch.where(keep, lr, 0.0)
             bufs = []
             for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, mu)
+            torch._foreach_mul_(bufs, mu if keep is None else mu_keep)
             torch._foreach_add_(bufs, grads)
             updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else [b.clone() for b in bufs]
             self._orthogonalise(updates, group["split"], group["ns_steps"], self.ns_dtype)
             if group["weight_decay"] != 0:
-                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(params, updates, alpha=-group["lr"])
+                torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            torch._foreach_mul_(updates, -lr)
+            torch._foreach_add_(params, updates)
         return loss
 
     @staticmethod
@@ -224,6 +231,11 @@ class MuonWithAdamW:
         for opt in self.optimizers:
             opt.step()
 
+    def step_unless(self, bad: Tensor) -> None:
+        """`step_unless(self, bad)` for both optimizers."""
+        step_unless(self.adamw, bad)
+        self.muon.step(found_inf=bad.float())
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
@@ -237,6 +249,37 @@ class MuonWithAdamW:
                              "optim.name it was trained with")
         self.adamw.load_state_dict(state["adamw"])
         self.muon.load_state_dict(state["muon"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Skipping a step without a host sync
+
+
+def skips_on_device(optimizer: Any) -> bool:
+    """Whether `step_unless` can skip a step without the host reading the decision: fused AdamW (alone or beside
+    Muon) can; foreach AdamW (e.g. on MPS) cannot."""
+    adamw = optimizer.adamw if isinstance(optimizer, MuonWithAdamW) else optimizer
+    return isinstance(adamw, torch.optim.AdamW) and all(g.get("fused") for g in adamw.param_groups)
+
+
+def step_unless(optimizer: Any, bad: Tensor) -> None:
+    """`optimizer.step()`, except that where `bad` (a 0-dim bool tensor on the device) is true nothing changes:
+    not the weights, not the moments, not AdamW's step count.
+
+    The decision stays on the device, so the host can queue the next step while this one runs (a host read per
+    step would stall the GPU on every step). Fused AdamW takes it as `found_inf`, the way GradScaler tells it
+    about overflowing fp16 gradients; Muon masks its own update. Needs `skips_on_device(optimizer)`.
+    """
+    if isinstance(optimizer, MuonWithAdamW):
+        optimizer.step_unless(bad)
+        return
+    if not skips_on_device(optimizer):
+        raise ValueError("step_unless needs fused AdamW (or Muon with it); this optimizer must be stepped by the host")
+    optimizer.found_inf = bad.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -44,13 +44,13 @@ from gptmini.distributed import (
 )
 from gptmini.evaluate import evaluate_split
 from gptmini.model import GPT
-from gptmini.optim import set_lr
+from gptmini.optim import set_lr, skips_on_device, step_unless
 from gptmini.run_lock import RunDirLocked, run_dir_lock
 from gptmini.run_log import TensorBoard, progress_bar, run_outputs, to_yaml
 from gptmini.run_setup import Hardware, RunParts, TrainingError, build_run
 from gptmini.sampling import generate
 
-__all__ = ["StepResult", "TrainResult", "Trainer", "TrainingError", "TrainingRun", "train"]
+__all__ = ["StepResult", "StepStats", "TrainResult", "Trainer", "TrainingError", "TrainingRun", "train"]
 
 Batches = Iterator[tuple[Tensor, Tensor]]  # (x, y) micro-batches, each (B, T) token ids
 
@@ -91,15 +91,27 @@ def train(cfg: RunConfig, run_dir: str | Path) -> TrainResult:
 @dataclass
 class StepResult:
     step: int  # optimizer steps taken so far, this one included
-    loss: float  # mean over the micro-batches (and ranks)
-    grad_norm: float  # before clipping
     lr: float
-    skipped: bool  # non-finite loss or gradients: the update was not applied
-    seconds: float  # wall time of the step, ending with its one device sync
+    seconds: float  # host time of the step: it queues the work and returns while the device may still run it
+
+
+@dataclass
+class StepStats:
+    """What the device knows after the latest step, read by `Trainer.read` (one host sync)."""
+
+    loss: float  # the latest step's loss: mean over its micro-batches (and ranks)
+    grad_norm: float  # the latest step's gradient norm, before clipping
+    skipped: int  # steps of this run skipped so far (non-finite loss or gradients: the update was not applied)
+    bad_in_a_row: int  # how many of the latest steps in a row were skipped
 
 
 class Trainer:
-    """The optimisation step and its counters; knows nothing of files, logs or cadence."""
+    """The optimisation step and its counters; knows nothing of files, logs or cadence.
+
+    `train_step` never waits for the device: the non-finite check decides on the device whether the update is
+    applied (`optim.step_unless`), and the loss, gradient norm and skip counters stay there until `read`. So on a
+    GPU the host queues step k+1 while step k runs, as nanoGPT does by reading the loss only when it logs.
+    """
 
     def __init__(self, cfg: RunConfig, model: GPT, optimizer: Any, hw: Hardware,
                  wrapped: torch.nn.Module | None = None) -> None:
@@ -108,10 +120,15 @@ class Trainer:
         self.run_model = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
         self.ctx = autocast(hw.device, hw.dtype)
         self.scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.dtype == torch.float16)
-        self.step, self.skipped, self.bad_in_a_row = 0, 0, 0
+        # fp16's GradScaler skips overflowing steps itself, and foreach AdamW cannot skip on the device: the host
+        # decides for those (one sync per step).
+        self.skip_on_device = skips_on_device(optimizer) and not self.scaler.is_enabled()
+        self.step = 0
+        self.latest = torch.zeros(2, device=hw.device)  # (loss, grad_norm) of the latest step
+        self.counters = torch.zeros(2, dtype=torch.long, device=hw.device)  # (skipped, bad_in_a_row)
 
     def train_step(self, batches: Batches) -> StepResult:
-        """One optimizer step over `train.grad_accum` micro-batches drawn from `batches`."""
+        """One optimizer step over `train.grad_accum` micro-batches drawn from `batches`; no host sync."""
         start = time.perf_counter()
         t = self.cfg.train
         lr = set_lr(self.optimizer, self.step, self.cfg)  # every group: its base_lr times the schedule
@@ -125,17 +142,35 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-        # One number for every rank, so all ranks make the same skip decision; one device sync for both.
-        loss_value, norm_value = torch.stack([all_reduce_mean(total, self.hw.env), norm.to(total)]).tolist()
-        ok = math.isfinite(loss_value) and (math.isfinite(norm_value) or self.scaler.is_enabled())
-        if ok:
-            self.scaler.step(self.optimizer)  # fp16: the scaler itself skips steps with inf gradients
+        loss = all_reduce_mean(total, self.hw.env)  # one number for every rank, so all ranks skip alike
+        bad = ~torch.isfinite(loss)
+        if not self.scaler.is_enabled():  # fp16: the scaler itself skips steps with inf gradients
+            bad |= ~torch.isfinite(norm.to(loss))
+        if self.skip_on_device:
+            step_unless(self.optimizer, bad)
+        elif not bad.item():
+            self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.skipped += not ok
-        self.bad_in_a_row = 0 if ok else self.bad_in_a_row + 1
+        self.counters[0] += bad
+        self.counters[1] = (self.counters[1] + 1) * bad
+        self.latest = torch.stack([loss, norm.to(loss)])
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return StepResult(self.step, loss_value, norm_value, lr, not ok, time.perf_counter() - start)
+        return StepResult(self.step, lr, time.perf_counter() - start)
+
+    def read(self) -> StepStats:
+        """Wait for the device and read the latest step's numbers (the training loop's one host sync)."""
+        loss, norm = self.latest.tolist()
+        skipped, in_a_row = self.counters.tolist()
+        return StepStats(loss, norm, skipped, in_a_row)
+
+    @property
+    def skipped(self) -> int:
+        return int(self.counters[0].item())
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self.counters[0] = value
 
     def weights_finite(self) -> bool:
         """Whether parameters and optimizer state are all finite, agreed by every rank (each checks its shard)."""
@@ -166,6 +201,7 @@ class TrainingRun:
                                            self.model_cfg.block_size)
         self.peak = peak_flops(hw.info.name, hw.dtype)
         self.window_time, self.window_steps = 0.0, 0  # training time since the last log line
+        self.reported_skipped, self.last_look = 0, 0  # skipped steps already reported, and when they were counted
 
     def run(self) -> TrainResult:
         self.restore()
@@ -180,9 +216,11 @@ class TrainingRun:
                 if prof is not None:
                     prof.step()
                 bar.update(1)
-                self.after_step(result, bar)
+                self.window_time += result.seconds
+                self.window_steps += 1
                 stopped = self.agree_to_stop(stop["stop"]) or result.step == stop_step < t.max_iters
-                self.checkpoint_cadence(result.step, stopped)
+                if self.work_due(result.step, stopped):
+                    self.after_step(result, bar, stopped)
         final = None if stopped else self.final_evaluation()
         barrier(self.hw.env)
         return TrainResult(step=self.trainer.step, final_val_loss=final, best_val_loss=self.best_val,
@@ -204,6 +242,7 @@ class TrainingRun:
         rng = state["rng"]
         set_rng_state(rng[rank] if rank < len(rng) else rng[0])
         self.trainer.step, self.trainer.skipped = state["step"], state.get("skipped_steps", 0)
+        self.reported_skipped, self.last_look = self.trainer.skipped, state["step"]
         self.best_val, self.last_saved = state.get("best_val_loss"), state["step"]
 
     def write_header(self) -> None:
@@ -221,41 +260,52 @@ class TrainingRun:
     def due(self, interval: int, step: int) -> bool:
         return interval > 0 and (step % interval == 0 or step == self.t.max_iters)
 
-    def after_step(self, result: StepResult, bar: Any) -> None:
-        self.window_time += result.seconds
-        self.window_steps += 1
-        if result.skipped:
-            self.on_bad_step(result)
+    def work_due(self, step: int, stopped: bool) -> bool:
+        """Whether anything but training happens after `step`; only then does the loop wait for the device."""
+        t = self.t
+        return (stopped or step == t.max_iters or step % t.ckpt_interval == 0
+                or any(self.due(i, step) for i in (t.log_interval, t.eval_interval, t.attn_interval)))
+
+    def after_step(self, result: StepResult, bar: Any, stopped: bool) -> None:
+        waiting = time.perf_counter()
+        stats = self.trainer.read()  # the device catches up: the wait is training time, counted in the window
+        self.window_time += time.perf_counter() - waiting
+        self.check_skipped(stats, result.step)
         if self.due(self.t.log_interval, result.step):
-            self.log_step(result, bar)
+            self.log_step(result, stats, bar)
         if self.due(self.t.eval_interval, result.step):
             self.evaluate_and_log(result.step)
         if self.due(self.t.attn_interval, result.step):
             self.log_attention(result.step)
+        self.checkpoint_cadence(result.step, stopped)
 
-    def on_bad_step(self, result: StepResult) -> None:
-        skipped, in_a_row = self.trainer.skipped, self.trainer.bad_in_a_row
-        self.log.warning(f"step {result.step}: non-finite loss {result.loss} / grad norm {result.grad_norm}; "
-                         f"step skipped")
-        self.tb.scalars({"train/skipped_steps": skipped}, result.step)
-        if in_a_row >= self.t.max_bad_steps:
-            raise TrainingError(f"{in_a_row} non-finite steps in a row at step {result.step}; stopping. "
-                                f"{self.last_good()}; lower train.lr or use train.dtype=float32")
+    def check_skipped(self, stats: StepStats, step: int) -> None:
+        """Report the steps skipped since the last look; stop after train.max_bad_steps of them in a row."""
+        new, self.reported_skipped = stats.skipped - self.reported_skipped, stats.skipped
+        if new > 0:
+            self.log.warning(f"steps {self.last_look + 1}-{step}: {new} had a non-finite loss or gradient norm and "
+                             f"were skipped ({stats.skipped} in all)")
+            self.tb.scalars({"train/skipped_steps": stats.skipped}, step)
+        self.last_look = step
+        if stats.bad_in_a_row >= self.t.max_bad_steps:
+            raise TrainingError(f"{stats.bad_in_a_row} non-finite steps in a row by step {step} "
+                                f"(train.max_bad_steps={self.t.max_bad_steps}); stopping. {self.last_good()}; lower "
+                                f"train.lr or use train.dtype=float32")
 
-    def log_step(self, result: StepResult, bar: Any) -> None:
+    def log_step(self, result: StepResult, stats: StepStats, bar: Any) -> None:
         """One plain line per log interval (train.log, and stdout when it is not a terminal) and the scalars."""
         per_step = self.window_time / max(self.window_steps, 1)
         tok_s = self.tokens_per_step / max(per_step, 1e-9)
         util = mfu(tok_s / self.hw.env.world_size, self.flops_token, self.peak)
         self.window_time, self.window_steps = 0.0, 0
-        bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tok_s:,.0f}")
+        bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:,.0f}")
         self.log.info(
-            f"step {result.step}/{self.t.max_iters}: loss {result.loss:.4f}, lr {result.lr:.3e}, "
+            f"step {result.step}/{self.t.max_iters}: loss {stats.loss:.4f}, lr {result.lr:.3e}, "
             f"{per_step * 1e3:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {'n/a' if util is None else f'{util:.1%}'}",
             extra={"step_line": True},
         )
         self.tb.scalars(
-            {"loss/train": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            {"loss/train": stats.loss, "lr": result.lr, "grad_norm": stats.grad_norm,
              "throughput/tokens_per_s": tok_s, "throughput/tokens_per_s_per_device": tok_s / self.hw.env.world_size,
              "mfu": util},
             result.step,
