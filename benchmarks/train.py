@@ -4,9 +4,9 @@
     python benchmarks/train.py --models default --variants mha sdpa flex --no-write
 
 One training step is the product's own `gptmini.trainer.Trainer.train_step`: `--grad-accum` micro-batches of
-forward and backward under autocast, gradient scaling and clipping, the non-finite check (its one device sync),
-the optimizer update and the schedule, at the real global batch (micro-batch x accumulation). Tokens are random
-and fixed (the data pipeline is not timed).
+forward and backward under autocast, gradient scaling and clipping, the non-finite check (on the device: the
+step never waits for it), the optimizer update (`--optims`: AdamW, Muon+AdamW) and the schedule, at the real
+global batch (micro-batch x accumulation). Tokens are random and fixed (the data pipeline is not timed).
 Rounds interleave the configurations, so a change in the machine's load hits all of them alike; the figure is
 the median over rounds. MFU uses the peak-FLOPs table of `gptmini.device` (n/a where the device has no entry,
 e.g. CPUs); achieved TFLOP/s is shown either way. On a GPU the GPT-2 124M rows (block 1024, bf16) run eager and
@@ -26,11 +26,11 @@ import time
 import torch
 from _results import machine, write_section  # benchmarks/ is on sys.path when run as a script
 
-from gptmini.config import AttentionConfig, ModelConfig, RunConfig, TrainConfig
+from gptmini.config import AttentionConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from gptmini.device import describe, flops_per_token, mfu, peak_flops, resolve_dtype
 from gptmini.distributed import DistEnv
 from gptmini.model import GPT
-from gptmini.optim import make_optimizer
+from gptmini.optim import OPTIMIZERS, make_optimizer
 from gptmini.run_setup import Hardware
 from gptmini.trainer import Trainer
 
@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), help="default: default baby (+ gpt2 on GPU)")
     p.add_argument("--variants", nargs="+", default=["mha", "sdpa"])
+    p.add_argument("--optims", nargs="+", choices=OPTIMIZERS, default=["adamw"],
+                   help="optim.name values to time side by side (muon: the speedrun recipes' optimizer)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
@@ -70,17 +72,19 @@ class Case:
     """One (model, variant, compiled) configuration: its own model, optimizer and Trainer, and a fixed batch."""
 
     def __init__(self, model_name: str, variant: str, compiled: bool, device: torch.device, dtype: torch.dtype,
-                 grad_accum: int = 1, loss_chunk: int | None = None):
+                 grad_accum: int = 1, loss_chunk: int | None = None, optim: str = "adamw"):
         cfg = dataclasses.replace(MODELS[model_name], attention=AttentionConfig(variant))
         mode = ("compiled" if compiled else "eager") + (f", loss in chunks of {loss_chunk}" if loss_chunk else "")
+        mode += ", muon" if optim == "muon" else ""
         self.label = (model_name, variant, mode)
         self.grad_accum = grad_accum
         self.batch = BATCH[device.type][model_name]
         self.tokens = self.batch * cfg.block_size * grad_accum  # per optimizer step
         torch.manual_seed(0)
         model = GPT(cfg).to(device).train()
-        run_cfg = RunConfig(model=cfg, train=TrainConfig(batch_size=self.batch, grad_accum=grad_accum,
-                                                         compile=compiled, warmup_iters=0, loss_chunk=loss_chunk))
+        run_cfg = RunConfig(model=cfg, optim=OptimConfig(name=optim),
+                            train=TrainConfig(batch_size=self.batch, grad_accum=grad_accum, compile=compiled,
+                                              warmup_iters=0, loss_chunk=loss_chunk))
         hw = Hardware(env=DistEnv(), device=device, dtype=dtype, info=describe(device), strategy="none")
         self.trainer = Trainer(run_cfg, model, make_optimizer(model, run_cfg, device), hw)
         x = torch.randint(cfg.vocab_size, (self.batch, cfg.block_size), device=device)  # (B, T)
@@ -117,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         return 4 if model_name.startswith("gpt2") and device.type == "cuda" else 1
 
     chunks = [None] + ([args.loss_chunk] if args.loss_chunk else [])
-    cases = [Case(m, v, c, device, dtype, accum(m), k)
-             for m in models for v in args.variants for c in compiled for k in chunks]
+    cases = [Case(m, v, c, device, dtype, accum(m), k, o)
+             for m in models for v in args.variants for c in compiled for k in chunks for o in args.optims]
     for case in cases:
         for _ in range(args.warmup):
             case.step()
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype_name = str(dtype).removeprefix("torch.")
     report = (
         f"## Training step (`benchmarks/train.py`)\n\n{machine()}; {dtype_name}; median of {args.rounds} rounds x "
-        f"{args.steps} steps of `Trainer.train_step` (accumulation, clip, non-finite check, AdamW, schedule) on "
+        f"{args.steps} steps of `Trainer.train_step` (accumulation, clip, non-finite check, optimizer, schedule) on "
         f"random tokens.\n"
         f"Command: `python benchmarks/train.py {shlex.join(argv if argv is not None else sys.argv[1:])}`\n\n"
         f"{table}\n"

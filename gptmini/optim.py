@@ -202,9 +202,10 @@ class Muon(torch.optim.Optimizer):
         for pieces in by_shape.values():
             wide = [p if p.size(0) <= p.size(1) else p.mT for p in pieces]  # views
             ortho = newton_schulz(torch.stack(wide), steps, dtype)  # (N, small, large)
-            for piece, view, o in zip(pieces, wide, ortho, strict=True):
-                view.copy_(o)
-                piece.mul_(math.sqrt(max(1.0, piece.size(0) / piece.size(1))))
+            torch._foreach_copy_(wide, list(ortho.unbind()))  # one launch per shape, not one per piece
+            tall = [p for p in pieces if p.size(0) > p.size(1)]  # tall pieces are scaled up by sqrt(rows/cols)
+            if tall:
+                torch._foreach_mul_(tall, math.sqrt(tall[0].size(0) / tall[0].size(1)))
 
 
 class MuonWithAdamW:

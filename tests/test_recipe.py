@@ -313,6 +313,16 @@ def test_muon_step_is_an_orthogonal_update_of_the_learning_rate_size():
         torch.testing.assert_close(delta, scale * newton_schulz(w.grad), atol=1e-5, rtol=1e-5)
 
 
+def test_muon_batches_a_matrix_with_its_transpose_and_scales_only_the_tall_one():
+    torch.manual_seed(0)
+    tall, wide = torch.nn.Parameter(torch.zeros(40, 20)), torch.nn.Parameter(torch.zeros(20, 40))
+    opt = Muon([tall, wide], lr=1.0, momentum=0.9)
+    tall.grad, wide.grad = torch.randn(40, 20), torch.randn(20, 40)
+    opt.step()
+    torch.testing.assert_close(-tall.detach(), math.sqrt(2.0) * newton_schulz(tall.grad), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(-wide.detach(), newton_schulz(wide.grad), atol=1e-5, rtol=1e-5)
+
+
 def test_muon_split_orthogonalises_each_part_on_its_own():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.zeros(24, 8))

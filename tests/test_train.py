@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,23 @@ def test_profile_writes_a_tensorboard_trace(tmp_path, corpus):
 
     events = json.loads(traces[0].read_text())["traceEvents"]
     assert any("aten::" in str(e.get("name", "")) for e in events)  # real operator events were recorded
+
+
+def test_the_loop_waits_for_the_device_only_when_something_is_due(tmp_path, corpus, monkeypatch):
+    """Reads (host syncs) happen at log, evaluation, attention-map and checkpoint steps, and nowhere else."""
+    from gptmini.trainer import Trainer
+
+    real_read, read_at = Trainer.read, []
+
+    def recording_read(self):
+        read_at.append(self.step)
+        return real_read(self)
+
+    monkeypatch.setattr(Trainer, "read", recording_read)
+    cfg = make_config(corpus, tmp_path / "data", "train.max_iters=24", "train.log_interval=5", "train.eval_interval=8",
+                      "train.attn_interval=12", "train.ckpt_interval=20", "train.final_eval=false")
+    result = train(cfg, tmp_path / "run")
+    assert result.step == 24
+    assert read_at == [5, 8, 10, 12, 15, 16, 20, 24]
+    logged = re.findall(r"INFO (step \d+/24): loss", (tmp_path / "run" / "train.log").read_text())
+    assert logged == ["step 5/24", "step 10/24", "step 15/24", "step 20/24", "step 24/24"]
