@@ -152,13 +152,13 @@ def markdown(rows: list[Row], args: argparse.Namespace, device: torch.device) ->
         "- *past block*: new tokens predicted from a full `block_size` window that slides. Each costs one "
         "full-window forward in both modes (exact equivalence with the uncached path: no cached key or value "
         "survives a slide with learned positions), so only the tokens before it gain from the cache.",
-        "- Without the cache each step computes the logits of every position in the window (`GPT.forward` returns "
-        "them all) and keeps the last: for GPT-2's 50257-token vocabulary that is about 30% of the step's matrix "
-        "FLOPs.",
+        "- Every mode computes the logits of the last position only (`GPT.forward(last_only=True)`): for GPT-2's "
+        "50257-token vocabulary the head over a whole window would be over a quarter of its matrix FLOPs.",
         "",
         "- Columns, tok/s: *no cache*; *KV cache* (the growing cache of the eager path, every variant); *static* (the "
-        "fixed-shape StaticKVCache, eager); *compiled* (static cache, decode step compiled: `mode=reduce-overhead`, "
-        "a CUDA graph, on GPUs; what `generate.py compile=true` runs for the sdpa family). Speed-up: the fastest "
+        "fixed-shape StaticKVCache, eager); *compiled* (static cache, decode step and full sliding window compiled, "
+        "each `mode=reduce-overhead`, a CUDA graph, on GPUs; what `generate.py compile=true` runs for the sdpa "
+        "family). Speed-up: the fastest "
         "cached column over no cache.",
         "",
         "| model | params | block | new tokens | past block | threads | rounds | no cache | KV cache | static "

@@ -54,8 +54,7 @@ class Decoder:
         self.cache = model.make_kv_cache(batch_size, dtype=dtype, static=static)
         self.prefill_fn = self.decode_fn = self._forward
         if compile:
-            on_gpu = model.wte.weight.device.type == "cuda"
-            self.decode_fn = torch.compile(self._forward, mode="reduce-overhead" if on_gpu else None, dynamic=False)
+            self.decode_fn = torch.compile(self._forward, mode=one_shape_mode(model), dynamic=False)
             self.prefill_fn = torch.compile(self._forward, dynamic=True)
 
     @property
@@ -63,17 +62,42 @@ class Decoder:
         return self.cache.pos
 
     def _forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        return self.model(tokens, kv_cache=self.cache, input_pos=input_pos).logits[:, -1]  # (B, V)
+        return self.model(tokens, kv_cache=self.cache, input_pos=input_pos, last_only=True).logits[:, -1]  # (B, V)
 
     def __call__(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) continue the cached positions -> the logits (B, V) of the last one."""
         if not self.static:
-            return self.model(tokens, kv_cache=self.cache).logits[:, -1]
+            return self.model(tokens, kv_cache=self.cache, last_only=True).logits[:, -1]
         T = tokens.size(1)
         input_pos = torch.arange(self.cache.pos, self.cache.pos + T, device=tokens.device)  # (T,)
         logits = (self.decode_fn if T == 1 else self.prefill_fn)(tokens, input_pos)
         self.cache.advance(T)
         return logits.clone()  # a CUDA graph's output is overwritten by its next replay
+
+
+def one_shape_mode(model: GPT) -> str | None:
+    """The compile mode for a step whose shapes never change: a CUDA graph on GPUs, where a small step is bound by
+    kernel launches; Inductor's default elsewhere."""
+    return "reduce-overhead" if model.wte.weight.device.type == "cuda" else None
+
+
+class Window:
+    """The uncached step: the whole context (B, T <= block_size) in one pass -> the logits (B, V) of its last position.
+
+    Once the context fills `block_size` and slides, every step has the same shape, so with `compile` that step is
+    one compiled graph (a CUDA graph on GPUs); shorter contexts, each a new shape, run eagerly."""
+
+    def __init__(self, model: GPT, compile: bool = False) -> None:
+        self.model = model
+        self.full_fn = torch.compile(self._logits, mode=one_shape_mode(model), dynamic=False) if compile else None
+
+    def _logits(self, context: Tensor) -> Tensor:
+        return self.model(context, last_only=True).logits[:, -1]
+
+    def __call__(self, context: Tensor) -> Tensor:
+        if self.full_fn is None or context.size(1) < self.model.config.block_size:
+            return self._logits(context)
+        return self.full_fn(context).clone()  # a CUDA graph's output is overwritten by its next replay
 
 
 @torch.no_grad()
@@ -98,18 +122,20 @@ def generate_stream(
     (RoPE too) the hidden states of the tokens that attended to the one that just left change with it. So the
     window is recomputed in one pass per token, exactly as without the cache: cached and uncached decoding
     agree everywhere, and the cache saves work within the first `block_size` tokens only.
-    `static` / `compile`: the fixed-shape cache and the compiled decode step (compile implies static; see Decoder).
+    `static` / `compile`: the fixed-shape cache and the compiled decode step (compile implies static; see Decoder);
+    `compile` also compiles the full sliding window (see Window).
     """
     if max_new_tokens <= 0:
         return
     block = model.config.block_size
     context = idx[:, -block:]  # (B, <= block)
+    window = Window(model, compile)
     decoder = None
     if kv_cache and context.size(1) < block:
         kind = idx.device.type  # under autocast, keep keys and values in the dtype they are computed in
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         decoder = Decoder(model, idx.size(0), dtype, static=static, compile=compile)
-    logits = decoder(context) if decoder is not None else model(context).logits[:, -1]  # prefill: (B, V)
+    logits = decoder(context) if decoder is not None else window(context)  # prefill: (B, V)
     for i in range(max_new_tokens):
         token = next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
         yield token
@@ -120,7 +146,7 @@ def generate_stream(
             logits = decoder(token)  # one new position
         else:  # no cache, or the window is full and slides: the whole window in one pass
             decoder = None
-            logits = model(context).logits[:, -1]
+            logits = window(context)
 
 
 def generate(model: GPT, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:

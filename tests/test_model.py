@@ -185,3 +185,15 @@ def test_a_padded_vocabulary_computes_the_unpadded_model():
     assert ModelConfig(vocab_size=50257, vocab_multiple=64).padded_vocab == 50304
     with pytest.raises(ValueError, match=r"^model.vocab_multiple=0 "):
         ModelConfig(vocab_multiple=0)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_last_only_gives_the_last_position_of_the_full_forward(pos):
+    model = build(tiny(pos_encoding=pos, vocab_multiple=16, logit_softcap=5.0))
+    idx = torch.randint(0, 41, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, last = model(idx).logits, model(idx, last_only=True).logits
+    assert last.shape == (3, 1, 41)  # padding and softcap applied as in the full forward
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="last_only=True computes no loss"):
+        model(idx, targets=idx, last_only=True)
