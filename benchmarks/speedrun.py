@@ -165,18 +165,28 @@ def summarise(runs: list[Run], recipes: list[str], target: float) -> tuple[str, 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print(f"goal: {args.goal}", flush=True)
-    env = run_env(args.threads)
     work = Path(tempfile.mkdtemp(prefix="speedrun-"))
+    runs = run_all(args, work, run_env(args.threads))
+    markdown = report(args, runs, "python benchmarks/speedrun.py " + shlex.join(argv or sys.argv[1:]))
+    print("\n" + markdown)
+    if not args.no_write:
+        write_section("speedrun", markdown)
+    if args.keep_runs:
+        print(f"run directories: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[Run]:
+    """Prepare the data once, then every recipe for every seed, the recipes' order alternating seed by seed."""
     data_dir = Path(args.data_dir) if args.data_dir else work / "data"
     common = [f"data={args.data}", f"data.path={args.data_path}", f"data_dir={data_dir}", *args.override]
     prep = [sys.executable, "-m", "gptmini.data", f"data={args.data}", f"data.path={args.data_path}",
             f"data_dir={data_dir}"]
     subprocess.run(prep, cwd=ROOT, env=env, check=True, capture_output=True)
-
     runs: list[Run] = []
     for seed in range(1, args.seeds + 1):
-        order = args.recipes if seed % 2 else args.recipes[::-1]
-        for recipe in order:
+        for recipe in args.recipes if seed % 2 else args.recipes[::-1]:
             run_dir = work / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', recipe)}-seed{seed}"
             cmd = [sys.executable, "train.py", *recipe_args(recipe), *common, f"train.seed={seed}",
                    f"hydra.run.dir={run_dir}"]
@@ -187,7 +197,11 @@ def main(argv: list[str] | None = None) -> None:
             status = "crashed:\n" + tail if loss is None else (
                 f"{seconds:6.1f} s  loss {loss:.4f}  evaluate: {confirmed}  last line: {last}  load {load:.2f}")
             print(f"{recipe:>16} seed {seed}: {status}", flush=True)
+    return runs
 
+
+def report(args: argparse.Namespace, runs: list[Run], command: str) -> str:
+    """The RESULTS.md section: how the runs were made and checked, the summary table, then every run."""
     table, medians = summarise(runs, args.recipes, args.target)
     per_run = ["| recipe | seed | s to final line | whole-val loss | evaluation command | load before |",
                "|---|--:|--:|--:|--:|--:|"]
@@ -201,7 +215,6 @@ def main(argv: list[str] | None = None) -> None:
     if len(args.recipes) >= 2 and all(k in medians for k in args.recipes[:2]):
         a, b = args.recipes[:2]
         ratio = f"\nMedian time, `{b}` / `{a}`: **{medians[b] / medians[a]:.2f}×**.\n"
-    command = "python benchmarks/speedrun.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     mismatches = [r for r in runs if r.loss is not None and (r.confirmed is None or abs(r.confirmed - r.loss) > 1e-4)]
     not_last = [r for r in runs if r.loss is not None and not r.last_line]
     checks = (
@@ -210,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- The final-evaluation line was the last line printed: "
         f"{'every run' if not not_last else 'not for ' + ', '.join(f'{m.recipe} seed {m.seed}' for m in not_last)}."
     )
-    markdown = f"""## Speedrun: time to whole-val loss <= {args.target:.2f} (Tiny Shakespeare, characters)
+    return f"""## Speedrun: time to whole-val loss <= {args.target:.2f} (Tiny Shakespeare, characters)
 
 `{command}` on {machine()}.
 
@@ -233,13 +246,6 @@ Goal: {args.goal}.
 
 </details>
 """
-    print("\n" + markdown)
-    if not args.no_write:
-        write_section("speedrun", markdown)
-    if args.keep_runs:
-        print(f"run directories: {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

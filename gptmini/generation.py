@@ -7,14 +7,17 @@ The model, its tokenizer and vocabulary all come from the checkpoint; the data f
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 import torch
+from torch import Tensor
 
 from gptmini.checkpoint import load_for_inference
 from gptmini.config import GenerateConfig
 from gptmini.device import autocast, resolve_device, resolve_dtype
+from gptmini.model import GPT
 from gptmini.paths import check_writable
 from gptmini.sampling import generate_stream
 from gptmini.tokenizer import Tokenizer
@@ -115,37 +118,12 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (N, T)
 
-    if cfg.attention_map or cfg.attention_tb:
-        from gptmini.attention_maps import save_prompt_attention
-
-        if len(ids) > model.config.block_size:
-            print(f"note: the attention map shows the prompt's last {model.config.block_size} tokens "
-                  f"(model.block_size)", file=sys.stderr)
-        with autocast(device, dtype):
-            save_prompt_attention(model, tokenizer, idx[:1], cfg.attention_map, cfg.attention_tb,
-                                  cfg.attention_layers, cfg.attention_heads)
-
-    # compile=true: a compiled decode step over a static KV cache where the variant has one (the sdpa family),
-    # else the whole model compiled for any shape.
-    compiled_decode = cfg.compile and cfg.kv_cache and model.blocks[0].attn.static_cache
-    if cfg.compile:
-        check_compiler(device)
-        if not compiled_decode:
-            model = torch.compile(model, dynamic=True)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    rows = [Continuation(tokenizer, cfg.stop) for _ in range(cfg.num_samples)]
-    write = _writer(stream)
-    write(prompt)
     with autocast(device, dtype):
-        tokens = generate_stream(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, generator=gen, kv_cache=cfg.kv_cache, compile=compiled_decode)
-        for token in tokens:  # (N, 1)
-            for row, tok in zip(rows, token[:, 0].tolist(), strict=True):
-                released = row.feed(tok)
-                if row is rows[0]:
-                    write(released)
-            if all(row.done for row in rows):
-                break
+        if cfg.attention_map or cfg.attention_tb:
+            save_attention(cfg, model, tokenizer, idx[:1])
+        write = _writer(stream)
+        write(prompt)
+        rows = sample_rows(cfg, model, tokenizer, idx, write)
     write(rows[0].finish())
     for row in rows[1:]:
         row.finish()
@@ -158,6 +136,41 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(SEPARATOR.join(samples) + "\n")
     return samples
+
+
+def save_attention(cfg: GenerateConfig, model: GPT, tokenizer: Tokenizer, idx: Tensor) -> None:
+    """The prompt's attention maps, idx (1, T), as an image (`attention_map`) and/or TensorBoard (`attention_tb`)."""
+    from gptmini.attention_maps import save_prompt_attention
+
+    if idx.size(1) > model.config.block_size:
+        print(f"note: the attention map shows the prompt's last {model.config.block_size} tokens "
+              f"(model.block_size)", file=sys.stderr)
+    save_prompt_attention(model, tokenizer, idx, cfg.attention_map, cfg.attention_tb, cfg.attention_layers,
+                          cfg.attention_heads)
+
+
+def sample_rows(cfg: GenerateConfig, model: GPT, tokenizer: Tokenizer, idx: Tensor,
+                write: Callable[[str], None]) -> list[Continuation]:
+    """Decode idx (N, T) as one batch until every row is done; the first row's text goes to `write` as it comes."""
+    # compile=true: a compiled decode step over a static KV cache where the variant has one (the sdpa family),
+    # else the whole model compiled for any shape.
+    compiled_decode = cfg.compile and cfg.kv_cache and model.blocks[0].attn.static_cache
+    if cfg.compile:
+        check_compiler(idx.device)
+        if not compiled_decode:
+            model = torch.compile(model, dynamic=True)
+    gen = torch.Generator(device=idx.device).manual_seed(cfg.seed)
+    rows = [Continuation(tokenizer, cfg.stop) for _ in range(idx.size(0))]
+    tokens = generate_stream(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                             top_p=cfg.top_p, generator=gen, kv_cache=cfg.kv_cache, compile=compiled_decode)
+    for token in tokens:  # (N, 1)
+        for row, tok in zip(rows, token[:, 0].tolist(), strict=True):
+            released = row.feed(tok)
+            if row is rows[0]:
+                write(released)
+        if all(row.done for row in rows):
+            break
+    return rows
 
 
 def check_compiler(device: torch.device) -> None:
