@@ -94,8 +94,13 @@ def test_compiled_decoding_gives_the_eager_tokens(tmp_path, corpus):
     train(make_config(corpus, tmp_path / "data", "train.device=cuda", "train.max_iters=30"), tmp_path / "run")
     common = dict(ckpt=str(tmp_path / "run"), prompt="the quick", max_new_tokens=40, temperature=0.0, device="cuda")
     eager = run_generation(GenerateConfig(**common), stream=None)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     compiled = run_generation(GenerateConfig(**common, compile=True), stream=None)
-    assert compiled == eager
+    assert compiled == eager  # 9 prompt + 40 new tokens > block 32: the decode step, then the sliding window
+    assert counters["frames"]["ok"] == 3  # prefill, decode step, full window: each compiled once, no recompiles
 
 
 def test_the_chunked_loss_in_bf16_matches_the_plain_loss():
