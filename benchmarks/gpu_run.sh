@@ -26,8 +26,8 @@ stage() {  # stage NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
 python -c "import torch; print(torch.__version__, torch.version.cuda, torch.version.hip)" >> "$out/gpu.txt" 2>&1
-stage gpu_tests 120 python -m pytest -q -m gpu tests/test_gpu.py
-stage attention_kernel 45 python -c "
+stage gpu_tests 105 python -m pytest -q -m gpu tests/test_gpu.py
+stage attention_kernel 30 python -c "
 import torch
 from gptmini.attention import build_attention
 from gptmini.config import ModelConfig, AttentionConfig
@@ -38,6 +38,8 @@ for name, hd in [('sdpa', 64), ('sdpa', 8), ('gqa', 64), ('swa', 64)]:
 "
 stage train_gpt2 150 python benchmarks/train.py --models gpt2 gpt2-pad64 --variants sdpa --rounds 2 --steps 5 \
     --warmup 2
+stage profile_gpt2 30 python benchmarks/train.py --models gpt2 --variants sdpa --rounds 1 --steps 2 --warmup 1 \
+    --profile --no-write   # eager: op names say where the time goes (compiled kernels are fused and renamed)
 stage generate 90 python benchmarks/generate.py --models default gpt2 --rounds 2 --tokens 500
 stage speedrun 150 python benchmarks/speedrun.py --data-path "$data" --seeds 1 \
     --recipes speedrun_gpu baseline_gpu:train.max_iters=1500   # nanoGPT's recipe at its best step count

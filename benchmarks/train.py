@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--loss-chunk", type=int, help="also time the fused, chunked LM loss (train.loss_chunk=N)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (default on GPU)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 3 steps of each case: where the time goes, its top ops by self time "
+                        "(device time on GPUs)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     return p.parse_args(argv)
 
@@ -97,6 +100,20 @@ class Case:
 
     def step(self) -> None:
         self.trainer.train_step(self.batches)
+
+    def top_ops(self, steps: int = 3, rows: int = 12) -> str:
+        """torch.profiler over `steps` steps: the ops that take the most self time, as a text table."""
+        from torch.profiler import ProfilerActivity, profile
+
+        on_gpu = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])  # CUDA covers HIP too
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                self.step()
+            if on_gpu:
+                torch.cuda.synchronize()
+        by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        return prof.key_averages().table(sort_by=by, row_limit=rows)
 
     def time(self, steps: int) -> None:
         if self.device.type == "cuda":
@@ -152,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     if any(m.startswith("gpt2") for m in models) and device.type == "cuda":
         lines.append(f"\n{GPT2_GOAL}")
     table = "\n".join(lines)
+    if args.profile:
+        profiles = [f"{', '.join(case.label)}:\n\n```\n{case.top_ops()}\n```" for case in cases]
+        table += "\n\n<details><summary>Where the time goes (torch.profiler, 3 steps each)</summary>\n\n"
+        table += "\n\n".join(profiles) + "\n\n</details>"
     dtype_name = str(dtype).removeprefix("torch.")
     report = (
         f"## Training step (`benchmarks/train.py`)\n\n{machine()}; {dtype_name}; median of {args.rounds} rounds x "
