@@ -110,6 +110,8 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     cfg.validate()
     device = resolve_device(cfg.device, key="device")
     dtype = resolve_dtype(cfg.dtype, device, key="dtype")
+    if cfg.compile:
+        check_compiler(device)
     for key in ("out", "attention_map"):  # before sampling: a long sample is not lost at the end
         if getattr(cfg, key):
             check_writable(getattr(cfg, key), key, folder=False)
@@ -155,10 +157,8 @@ def sample_rows(cfg: GenerateConfig, model: GPT, tokenizer: Tokenizer, idx: Tens
     # compile=true: a compiled decode step over a static KV cache where the variant has one (the sdpa family),
     # else the whole model compiled for any shape.
     compiled_decode = cfg.compile and cfg.kv_cache and model.blocks[0].attn.static_cache
-    if cfg.compile:
-        check_compiler(idx.device)
-        if not compiled_decode:
-            model = torch.compile(model, dynamic=True)
+    if cfg.compile and not compiled_decode:
+        model = torch.compile(model, dynamic=True)
     gen = torch.Generator(device=idx.device).manual_seed(cfg.seed)
     rows = [Continuation(tokenizer, cfg.stop) for _ in range(idx.size(0))]
     tokens = generate_stream(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,

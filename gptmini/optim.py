@@ -185,7 +185,8 @@ class Muon(torch.optim.Optimizer):
             updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else [b.clone() for b in bufs]
             self._orthogonalise(updates, group["split"], group["ns_steps"], self.ns_dtype)
             if group["weight_decay"] != 0:
-                torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+                decay = 1.0 - group["lr"] * group["weight_decay"]  # in double, rounded once, as a plain step does
+                torch._foreach_mul_(params, decay if keep is None else torch.where(keep, decay, 1.0))
             torch._foreach_mul_(updates, -lr)
             torch._foreach_add_(params, updates)
         return loss

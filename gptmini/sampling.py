@@ -97,7 +97,9 @@ class Window:
     def __call__(self, context: Tensor) -> Tensor:
         if self.full_fn is None or context.size(1) < self.model.config.block_size:
             return self._logits(context)
-        return self.full_fn(context).clone()  # a CUDA graph's output is overwritten by its next replay
+        # contiguous: a window cut from a longer tensor has other strides, which Dynamo would compile again for
+        logits = self.full_fn(context.contiguous())
+        return logits.clone()  # a CUDA graph's output is overwritten by its next replay
 
 
 @torch.no_grad()

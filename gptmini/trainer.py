@@ -103,6 +103,7 @@ class StepStats:
     grad_norm: float  # the latest step's gradient norm, before clipping
     skipped: int  # steps of this run skipped so far (non-finite loss or gradients: the update was not applied)
     bad_in_a_row: int  # how many of the latest steps in a row were skipped
+    longest_bad_run: int  # the most steps in a row skipped so far (a run may end between two reads)
 
 
 class Trainer:
@@ -125,7 +126,7 @@ class Trainer:
         self.skip_on_device = skips_on_device(optimizer) and not self.scaler.is_enabled()
         self.step = 0
         self.latest = torch.zeros(2, device=hw.device)  # (loss, grad_norm) of the latest step
-        self.counters = torch.zeros(2, dtype=torch.long, device=hw.device)  # (skipped, bad_in_a_row)
+        self.counters = torch.zeros(3, dtype=torch.long, device=hw.device)  # (skipped, bad_in_a_row, longest run)
 
     def train_step(self, batches: Batches) -> StepResult:
         """One optimizer step over `train.grad_accum` micro-batches drawn from `batches`; no host sync."""
@@ -153,6 +154,7 @@ class Trainer:
             self.scaler.update()
         self.counters[0] += bad
         self.counters[1] = (self.counters[1] + 1) * bad
+        self.counters[2] = torch.maximum(self.counters[2], self.counters[1])
         self.latest = torch.stack([loss, norm.to(loss)])
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -161,8 +163,7 @@ class Trainer:
     def read(self) -> StepStats:
         """Wait for the device and read the latest step's numbers (the training loop's one host sync)."""
         loss, norm = self.latest.tolist()
-        skipped, in_a_row = self.counters.tolist()
-        return StepStats(loss, norm, skipped, in_a_row)
+        return StepStats(loss, norm, *self.counters.tolist())
 
     @property
     def skipped(self) -> int:
@@ -287,8 +288,8 @@ class TrainingRun:
                              f"were skipped ({stats.skipped} in all)")
             self.tb.scalars({"train/skipped_steps": stats.skipped}, step)
         self.last_look = step
-        if stats.bad_in_a_row >= self.t.max_bad_steps:
-            raise TrainingError(f"{stats.bad_in_a_row} non-finite steps in a row by step {step} "
+        if stats.longest_bad_run >= self.t.max_bad_steps:
+            raise TrainingError(f"{stats.longest_bad_run} non-finite steps in a row by step {step} "
                                 f"(train.max_bad_steps={self.t.max_bad_steps}); stopping. {self.last_good()}; lower "
                                 f"train.lr or use train.dtype=float32")
 

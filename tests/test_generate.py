@@ -206,6 +206,16 @@ def test_prompt_outside_the_char_vocabulary_is_refused(run_dir):
         generate_text(run_dir, prompt="the Zebra")
 
 
+def test_compile_without_a_cpu_compiler_is_refused_before_anything_is_printed(run_dir, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    stream = io.StringIO()
+    with pytest.raises(ValueError, match=r"^compile=true on CPU needs a C\+\+ compiler .*; use compile=false$"):
+        run_generation(gen_config(run_dir, prompt="the", compile=True), stream=stream)
+    assert stream.getvalue() == ""
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Attention variants and the KV cache
 

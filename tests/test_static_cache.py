@@ -70,3 +70,7 @@ def test_the_compiled_decode_step_and_window_give_the_eager_tokens_without_recom
     # prefill, the decode step, the full window: one graph each, whatever the position (a recompile per step
     # would still give the right tokens, slowly, until Dynamo's recompile limit fell back to eager)
     assert counters["frames"]["ok"] == 3
+    long = torch.randint(0, 37, (2, 18), generator=torch.Generator().manual_seed(3))  # fills the block at once
+    compiled = generate(model, long, 4, temperature=0.0, static=True, compile=True)
+    assert torch.equal(compiled, generate(model, long, 4, temperature=0.0, kv_cache=False))
+    assert counters["frames"]["ok"] == 3  # no new graph: the prompt's window, made contiguous, has the same strides

@@ -142,6 +142,19 @@ def test_too_many_non_finite_steps_stop_training(tmp_path, corpus, monkeypatch):
         train(make_config(corpus, tmp_path / "data", "train.max_bad_steps=3"), tmp_path / "run")
 
 
+def test_a_run_of_non_finite_steps_that_ends_between_two_looks_still_stops_training(tmp_path, corpus, monkeypatch):
+    real, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def flaky(params, max_norm, *args, **kwargs):  # steps 1-4 bad, then good again before the first look at 5
+        calls["n"] += 1
+        norm = real(params, max_norm, *args, **kwargs)
+        return torch.tensor(float("nan")) if calls["n"] <= 4 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", flaky)
+    with pytest.raises(TrainingError, match=r"4 non-finite steps in a row by step 5 \(train.max_bad_steps=3\)"):
+        train(make_config(corpus, tmp_path / "data", "train.max_bad_steps=3"), tmp_path / "run")
+
+
 def test_non_finite_weights_are_never_saved_and_the_error_names_a_good_checkpoint(tmp_path, corpus, monkeypatch):
     """An update that leaves finite loss and gradients but non-finite weights (a huge lr) must not reach a file."""
     real_step, calls = trainer_module.step_unless, {"n": 0}
