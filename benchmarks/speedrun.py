@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _results import machine, write_section  # benchmarks/ is on sys.path when run as a script
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"final val loss (\d+\.\d+) \(whole split, window (\d+)\)")
@@ -125,8 +126,10 @@ def timed_run(cmd: list[str], env: dict[str, str]) -> tuple[float | None, float 
 
 
 def confirm(run_dir: Path, window: int, env: dict[str, str]) -> float | None:
-    """The evaluation command's whole-val loss on the run's saved checkpoint."""
-    cmd = [sys.executable, "-m", "gptmini.evaluate", f"ckpt={run_dir}", f"eval.window={window}"]
+    """The evaluation command's whole-val loss on the run's saved checkpoint, in the dtype the run evaluated in
+    (its train.dtype: bf16 on GPUs, where an fp32 evaluation differs in the 3rd decimal)."""
+    dtype = OmegaConf.load(run_dir / "config.yaml").train.dtype
+    cmd = [sys.executable, "-m", "gptmini.evaluate", f"ckpt={run_dir}", f"eval.window={window}", f"eval.dtype={dtype}"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     match = EVALUATED.search(done.stdout)
     return float(match.group(1)) if match else None

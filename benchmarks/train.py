@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--loss-chunk", type=int, help="also time the fused, chunked LM loss (train.loss_chunk=N)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (default on GPU)")
+    p.add_argument("--eager", action="store_true", help="eager only, also on a GPU (no compile time)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 3 steps of each case: where the time goes, its top ops by self time "
                         "(device time on GPUs)")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     models = args.models or (["default", "baby"] + (["gpt2", "gpt2-pad64"] if device.type == "cuda" else []))
-    compiled = [False] + ([True] if args.compile or device.type == "cuda" else [])
+    compiled = [False] + ([True] if not args.eager and (args.compile or device.type == "cuda") else [])
     def accum(model_name: str) -> int:
         if args.grad_accum is not None:
             return args.grad_accum
