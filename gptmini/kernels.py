@@ -102,6 +102,8 @@ def probe_attention_kernel(
     finally:
         attention.train(was_training)
     backend, op = backend_from_ops(names)
+    if op is None and getattr(attention, "name", None) == "flex":
+        backend = "flex"  # compiled (GPUs): the profiler sees Inductor's generated kernels, not FlexAttention's op
     return KernelReport(backend, op, detail)
 
 

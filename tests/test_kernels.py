@@ -64,6 +64,16 @@ def test_probe_reports_what_the_recorded_ops_say_and_leaves_no_trace():
     assert torch.equal(torch.get_rng_state(), rng) and not attn.training  # RNG and mode restored
 
 
+def test_compiled_flex_is_reported_as_flex_though_its_kernels_have_generated_names():
+    attn = build_attention(tiny_config("flex")).eval()
+    report = probe_attention_kernel(attn, torch.device("cpu"), torch.float32, 16, training=False,
+                                    record=fake_record(["Torch-Compiled Region", "triton_tem_fused_0"]))
+    assert report.backend == "flex" and report.op is None and not report.is_math_fallback
+    mha = probe_attention_kernel(build_attention(tiny_config("mha")), torch.device("cpu"), torch.float32, 16,
+                                 record=fake_record(["Torch-Compiled Region", "triton_tem_fused_0"]))
+    assert mha.backend == "none (explicit matmul + softmax)"  # only flex's own module gets the name
+
+
 def test_real_probe_on_cpu_finds_the_sdpa_call_and_none_for_explicit_attention():
     sdpa = probe_attention_kernel(build_attention(tiny_config("sdpa")), torch.device("cpu"), torch.float32, 16)
     assert sdpa.op is not None and sdpa.op.startswith("aten::_scaled_dot_product_")
