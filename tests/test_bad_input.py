@@ -130,6 +130,8 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("generate: prompt_file not UTF-8", [*gen, f"prompt_file={root / 'latin1_prompt.txt'}"],
          "latin1_prompt.txt' is not UTF-8"),
         ("generate: pretrained weights not cached", [*GENERATE, "ckpt=gpt2-xl"], "ckpt=gpt2-xl: not in the local"),
+        ("generate: compile without a C++ compiler", ["env", "PATH=/nonexistent", *gen, "compile=true"],
+         "compile=true on CPU needs a C++ compiler"),
         ("evaluate: pretrained weights without data", [*EVALUATE, "ckpt=gpt2"], "no training data to fall back on"),
         ("train: unknown pretrained name", elsewhere("model.init_from=gpt3"), "model.init_from='gpt3' is unknown"),
         ("train: pretrained weights with rope", elsewhere("model.init_from=gpt2", "model.pos_encoding=rope"),
