@@ -168,8 +168,8 @@ class GPT(nn.Module):
         the caller: nothing here depends on a Python number, so a decode step can be captured as a CUDA graph.
         With targets and `loss_chunk`, the head and the loss run fused, that many rows at a time
         (gptmini.loss), and no logits are returned (None). `last_only`: the logits of the last position only
-        (B, 1, V), all that sampling needs: the head is skipped for the others (for GPT-2's vocabulary about 30%
-        of a forward's matrix FLOPs)."""
+        (B, 1, V), all that sampling needs: the head is skipped for the others (for GPT-2's vocabulary over a
+        quarter of a forward's matrix FLOPs)."""
         if last_only and targets is not None:
             raise ValueError("last_only=True computes no loss: pass targets=None")
         x, rope = self.embed(idx, kv_cache, input_pos)  # (B, T, C)

@@ -39,6 +39,12 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def last_logits(model: GPT, tokens: Tensor, **kwargs) -> Tensor:
+    """tokens (B, T) -> the logits (B, V) of the last position, all that sampling needs (the head runs for it
+    alone)."""
+    return model(tokens, last_only=True, **kwargs).logits[:, -1]
+
+
 class Decoder:
     """The KV-cache path: the prompt in one pass (prefill), then one position per call (decode).
 
@@ -62,12 +68,12 @@ class Decoder:
         return self.cache.pos
 
     def _forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        return self.model(tokens, kv_cache=self.cache, input_pos=input_pos, last_only=True).logits[:, -1]  # (B, V)
+        return last_logits(self.model, tokens, kv_cache=self.cache, input_pos=input_pos)
 
     def __call__(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) continue the cached positions -> the logits (B, V) of the last one."""
         if not self.static:
-            return self.model(tokens, kv_cache=self.cache, last_only=True).logits[:, -1]
+            return last_logits(self.model, tokens, kv_cache=self.cache)
         T = tokens.size(1)
         input_pos = torch.arange(self.cache.pos, self.cache.pos + T, device=tokens.device)  # (T,)
         logits = (self.decode_fn if T == 1 else self.prefill_fn)(tokens, input_pos)
@@ -89,16 +95,13 @@ class Window:
 
     def __init__(self, model: GPT, compile: bool = False) -> None:
         self.model = model
-        self.full_fn = torch.compile(self._logits, mode=one_shape_mode(model), dynamic=False) if compile else None
-
-    def _logits(self, context: Tensor) -> Tensor:
-        return self.model(context, last_only=True).logits[:, -1]
+        self.full_fn = torch.compile(last_logits, mode=one_shape_mode(model), dynamic=False) if compile else None
 
     def __call__(self, context: Tensor) -> Tensor:
         if self.full_fn is None or context.size(1) < self.model.config.block_size:
-            return self._logits(context)
+            return last_logits(self.model, context)
         # contiguous: a window cut from a longer tensor has other strides, which Dynamo would compile again for
-        logits = self.full_fn(context.contiguous())
+        logits = self.full_fn(self.model, context.contiguous())
         return logits.clone()  # a CUDA graph's output is overwritten by its next replay
 
 
