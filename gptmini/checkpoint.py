@@ -151,12 +151,25 @@ def check_compatible(saved: dict[str, Any], model_cfg: ModelConfig, tokenizer_sp
         f"model.{k}: checkpoint {theirs.get(k)!r} vs now {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]
     ]
     if saved.get("tokenizer") != tokenizer_spec:
-        diffs.append("tokenizer: the checkpoint was trained with a different tokenizer/vocabulary")
+        diffs.append(TOKENIZER_DIFFERS)
     if diffs:
-        raise CheckpointError(
-            "cannot resume: the checkpoint's configuration differs (" + "; ".join(diffs) + "); use the same "
-            "settings, train.resume=never, or a new hydra.run.dir"
-        )
+        raise _cannot_resume(diffs)
+
+
+TOKENIZER_DIFFERS = "tokenizer: the checkpoint was trained with a different tokenizer/vocabulary"
+
+
+def check_tokenizer(saved: dict[str, Any], tokenizer_spec: dict[str, Any]) -> None:
+    """The tokenizer half of `check_compatible`, asked of the data before it is swapped in (see `prepare`)."""
+    if saved.get("tokenizer") != tokenizer_spec:
+        raise _cannot_resume([TOKENIZER_DIFFERS])
+
+
+def _cannot_resume(diffs: list[str]) -> CheckpointError:
+    return CheckpointError(
+        "cannot resume: the checkpoint's configuration differs (" + "; ".join(diffs) + "); use the same "
+        "settings, train.resume=never, or a new hydra.run.dir"
+    )
 
 
 def all_finite(*trees: Any) -> bool:

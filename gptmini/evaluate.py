@@ -25,6 +25,7 @@ from gptmini.checkpoint import load_for_inference
 from gptmini.config import DataConfig, EvaluateConfig
 from gptmini.device import autocast, resolve_device, resolve_dtype
 from gptmini.pretrained import is_pretrained_ref
+from gptmini.tokenizer import Tokenizer
 
 SPLITS = ("val", "train")
 
@@ -89,15 +90,9 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
         data_cfg = DataConfig(**{k: v for k, v in saved.get("data", {}).items() if k in known})
     if data_dir is None:
         data_dir = saved.get("data_dir", "data")
-    prepared = data_lib.prepare(data_cfg, data_dir)
-    if prepared.tokenizer.spec() != tokenizer.spec():
-        raise ValueError(
-            f"data {data_cfg.name!r} in {data_dir!r} is tokenized differently from the checkpoint's tokenizer "
-            f"({tokenizer!r}); evaluate on the data the model was trained with, or data prepared with its tokenizer"
-        )
+    prepared = data_lib.prepare(data_cfg, data_dir, accept=lambda p: check_eval_data(p, tokenizer, data_cfg,
+                                                                                    data_dir, opts.split))
     tokens = prepared.val_tokens() if opts.split == "val" else prepared.train_tokens()
-    if len(tokens) < 2:
-        raise ValueError(f"the {opts.split} split of {data_cfg.name!r} has {len(tokens)} tokens; nothing to score")
     loss = evaluate_split(model, tokens, window, device, autocast(device, dtype), opts.batch_size)
     result = EvalResult(loss, math.exp(loss), len(tokens) - 1, window, opts.split, path)
     if stream is not None:
@@ -106,6 +101,19 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
             f"{result.positions:,} positions; {path})\n"
         )
     return result
+
+
+def check_eval_data(prepared: data_lib.PreparedData, tokenizer: Tokenizer, data_cfg: DataConfig, data_dir: str,
+                    split: str) -> None:
+    """Asked before the data replaces a prepared dataset: data this command refuses never changes what is there."""
+    if prepared.tokenizer.spec() != tokenizer.spec():
+        raise ValueError(
+            f"data {data_cfg.name!r} in {data_dir!r} is tokenized differently from the checkpoint's tokenizer "
+            f"({tokenizer!r}); evaluate on the data the model was trained with, or data prepared with its tokenizer"
+        )
+    n_tokens = prepared.meta[f"{split}_tokens"]
+    if n_tokens < 2:
+        raise ValueError(f"the {split} split of {data_cfg.name!r} has {n_tokens} tokens; nothing to score")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 
 from gptmini import data as data_lib
 from gptmini.attention import ATTENTION_REGISTRY
-from gptmini.checkpoint import check_compatible, checkpoint_dir, load_checkpoint, resume_path
+from gptmini.checkpoint import check_compatible, check_tokenizer, checkpoint_dir, load_checkpoint, resume_path
 from gptmini.config import ModelConfig, RunConfig
 from gptmini.device import DeviceInfo, describe, resolve_device, resolve_dtype
 from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_state, resolve_strategy, wrap_model
@@ -84,10 +84,9 @@ def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
     resume_from = resume_path(cfg.train.resume, checkpoint_dir(run_dir))
     if cfg.model.init_from is not None and resume_from is None:
         check_pretrained_source(cfg)  # the tokenizer and the weights' folder, before minutes of preparation
-    data = load_data(cfg, env)
     resume = read_resume(resume_from, env)
+    data = load_data(cfg, env, resume)
     model, model_cfg = build_model(cfg, data, resume, hw.device, env)
-    check_split_sizes(data, model_cfg.block_size)
     if resume is not None:
         check_compatible(resume, model_cfg, data.tokenizer.spec())
         notes.append(f"resumed from {resume_from} at step {resume['step']}")
@@ -135,19 +134,26 @@ def local_rank_zero_first(env: DistEnv, work: Callable[[bool], T]) -> T:
     return result
 
 
-def load_data(cfg: RunConfig, env: DistEnv) -> RunData:
-    """One process per machine prepares the data; the others then find it up to date."""
-    prepared = local_rank_zero_first(
-        env, lambda first: data_lib.prepare(cfg.data, cfg.data_dir, **({} if first else {"log": lambda _: None}))
-    )
+def load_data(cfg: RunConfig, env: DistEnv, resume: dict[str, Any] | None = None) -> RunData:
+    """One process per machine prepares the data; the others then find it up to date. Data this run would refuse
+    (too small for the model, another vocabulary than the checkpoint it resumes) never replaces a prepared one."""
+
+    def accept(prepared: data_lib.PreparedData) -> None:
+        check_split_sizes(prepared, cfg.model.block_size)
+        if resume is not None:
+            check_tokenizer(resume, prepared.tokenizer.spec())
+
+    prepared = local_rank_zero_first(env, lambda first: data_lib.prepare(
+        cfg.data, cfg.data_dir, accept=accept, **({} if first else {"log": lambda _: None})))
     return RunData(tokenizer=prepared.tokenizer, train=prepared.train_tokens(), val=prepared.val_tokens())
 
 
-def check_split_sizes(data: RunData, block_size: int) -> None:
-    for split, tokens in (("train", data.train), ("val", data.val)):
-        if len(tokens) < block_size + 1:
+def check_split_sizes(prepared: data_lib.PreparedData, block_size: int) -> None:
+    for split in ("train", "val"):
+        n_tokens = prepared.meta[f"{split}_tokens"]
+        if n_tokens < block_size + 1:
             raise TrainingError(
-                f"the {split} split has {len(tokens)} tokens, fewer than model.block_size+1="
+                f"the {split} split has {n_tokens} tokens, fewer than model.block_size+1="
                 f"{block_size + 1}; use more data or a smaller model.block_size"
             )
 

@@ -51,6 +51,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (root / "notes.txt").write_text("not a checkpoint")
     (root / "null_text.jsonl").write_text('{"text": "ok"}\n{"text": null}\n')
     (root / "latin1_prompt.txt").write_bytes("Zürich".encode("latin-1"))
+    (root / "d2" / "mine").mkdir(parents=True)
+    (root / "d2" / "mine" / "notes.txt").write_text("a corpus kept where its dataset would go\n" * 50)
     good = (run / "checkpoints" / "last.pt").read_bytes()
     (root / "truncated.pt").write_bytes(good[: len(good) // 2])
     return {"root": root, "corpus": corpus, "run": run}
@@ -154,6 +156,8 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "which is a file"),
         ("data: jsonl text field null", [*DATA, "data=text", f"data.path={root / 'null_text.jsonl'}",
                                          f"data_dir={root / 'd2'}"], "data.text_field="),
+        ("data: corpus inside its dataset's folder", [*DATA, "data=text", f"data.path={root / 'd2' / 'mine'}",
+                                                      "data.name=mine", f"data_dir={root / 'd2'}"], "lies inside"),
     ]
 
 

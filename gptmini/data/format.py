@@ -26,6 +26,7 @@ VERSION = 1
 DTYPES = ("uint16", "uint32")
 SPLIT_NAMES = ("train", "val")
 META = "meta.json"
+CACHE = ".cache"  # what converting .jsonl/.parquet leaves while a preparation runs
 
 
 class DataError(ValueError):
@@ -65,6 +66,21 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise DataError(f"{str(meta_path)!r} is not a gptmini {FORMAT} v{VERSION} file; delete {str(folder)!r}")
     return meta
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What in `folder` a preparation did not write: everything, unless meta.json says it is a dataset of ours.
+
+    An empty folder holds nothing to lose. Anything else is replaced only when it is this format's own files
+    under this format's own meta.json; a user's corpus, a run directory or another tool's train.bin is not.
+    """
+    if not folder.is_dir():
+        return [folder.name] if folder.exists() or folder.is_symlink() else []
+    names = sorted(p.name for p in folder.iterdir())
+    ours = {bin_path(folder, s).name for s in SPLIT_NAMES} | {META, CACHE}
+    if not names or (meta_value(folder, "format") == FORMAT and set(names) <= ours):
+        return []
+    return names
 
 
 def meta_value(folder: Path, key: str) -> Any:

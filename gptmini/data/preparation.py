@@ -11,7 +11,7 @@ import hashlib
 import json
 import platform
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from gptmini.data.staging import (
     DISK_FULL,
     SplitFiles,
     check_data_dir,
+    check_replaceable,
     make_tmp,
     remove_stale,
     swap_in,
@@ -44,14 +45,21 @@ from gptmini.tokenizer import Tokenizer, build_tokenizer
 
 SPLITS = ("auto", "document", "position")
 Counts = dict[str, int]
+Accept = Callable[[PreparedData], None]
 
 
-def prepare(cfg: DataConfig, data_dir: str | Path = "data", log: Log = stderr_log,
-            force: bool = False) -> PreparedData:
-    """Prepare (or reuse) `<data_dir>/<cfg.name>/` for the corpus and tokenizer `cfg` describes."""
+def prepare(cfg: DataConfig, data_dir: str | Path = "data", log: Log = stderr_log, force: bool = False,
+            accept: Accept | None = None) -> PreparedData:
+    """Prepare (or reuse) `<data_dir>/<cfg.name>/` for the corpus and tokenizer `cfg` describes.
+
+    `accept` sees the data before it replaces anything and raises to refuse it: a command that then refuses
+    (another vocabulary than its checkpoint's, a split too small for the model) leaves the earlier dataset as it
+    was, instead of replacing the data other runs rely on and then stopping.
+    """
     _validate(cfg)
     data_dir = Path(data_dir)
     out = data_dir / cfg.name
+    accept = accept or (lambda _: None)
     check_data_dir(data_dir)
     remove_stale(data_dir, cfg.name, log)
     try:
@@ -59,7 +67,7 @@ def prepare(cfg: DataConfig, data_dir: str | Path = "data", log: Log = stderr_lo
     except SourceMissing as missing:
         if force:
             raise
-        return _without_source(cfg, out, missing, log)
+        return _checked(_without_source(cfg, out, missing, log), accept)
     fingerprint = _fingerprint(cfg, source)
     if not force and meta_value(out, "fingerprint") == fingerprint:
         try:
@@ -68,7 +76,32 @@ def prepare(cfg: DataConfig, data_dir: str | Path = "data", log: Log = stderr_lo
             log(f"data: {err}; preparing it again")
         else:
             log(f"data: {out} is up to date ({_counts(prepared.meta)})")
-            return prepared
+            return _checked(prepared, accept)
+    _check_target(cfg, data_dir, source)
+    return _prepare_into(cfg, data_dir, source, fingerprint, accept, log)
+
+
+def _checked(prepared: PreparedData, accept: Accept) -> PreparedData:
+    accept(prepared)
+    return prepared
+
+
+def _check_target(cfg: DataConfig, data_dir: Path, source: dict[str, Any]) -> None:
+    """Before any work: the corpus must not lie inside the folder it is prepared into, nor anything of the user's."""
+    out = (data_dir / cfg.name).resolve()
+    inside = next((f for f, *_ in source.get("files", []) if out in Path(f).resolve().parents), None)
+    if inside is not None:
+        raise DataError(
+            f"{source_label(cfg)} lies inside {str(data_dir / cfg.name)!r}, the folder data.name={cfg.name!r} in "
+            f"data_dir={str(data_dir)!r} is prepared into; choose another data.name= or data_dir="
+        )
+    check_replaceable(data_dir, cfg.name)
+
+
+def _prepare_into(cfg: DataConfig, data_dir: Path, source: dict[str, Any], fingerprint: str, accept: Accept,
+                  log: Log) -> PreparedData:
+    """Tokenize into a temporary folder beside `<data_dir>/<name>`; swap it in only once `accept` agreed."""
+    out = data_dir / cfg.name
     log(f"data: preparing {out} from {source['kind']} ({cfg.tokenizer} tokenizer)")
     with writes_to(data_dir):
         tmp = make_tmp(data_dir, cfg.name)
@@ -76,12 +109,14 @@ def prepare(cfg: DataConfig, data_dir: str | Path = "data", log: Log = stderr_lo
         meta = _write(cfg, source, tmp, log)
         with writes_to(data_dir):
             write_meta(tmp, meta | {"fingerprint": fingerprint, "request": _request_fingerprint(cfg)})
+        staged = load_prepared(tmp, expect_tokenizer=cfg)
+        accept(staged)
+        with writes_to(data_dir):
             swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    prepared = load_prepared(out, expect_tokenizer=cfg)
     log(f"data: wrote {out}: {_counts(meta)}, vocab {meta['vocab_size']}, {meta['dtype']}")
-    return prepared
+    return PreparedData(out, staged.meta, staged.tokenizer)  # the same files, renamed into place
 
 
 def _counts(meta: dict[str, Any]) -> str:

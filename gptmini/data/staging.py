@@ -19,7 +19,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
-from gptmini.data.format import SPLIT_NAMES, DataError, bin_path
+from gptmini.data.format import SPLIT_NAMES, DataError, bin_path, foreign_entries
 
 HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 # A full disk or quota: when converting the corpus into the data folder hits one, data_dir is to blame.
@@ -108,8 +108,22 @@ def remove_stale(data_dir: Path, name: str, log: Log) -> None:
             log(f"data: removed {found}, left by an interrupted preparation (process {match['pid']} is gone)")
 
 
+def check_replaceable(data_dir: Path, name: str) -> None:
+    """Refuse to prepare into `<data_dir>/<name>` when it holds anything a preparation did not write there."""
+    found = foreign_entries(data_dir / name)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise DataError(
+            f"data.name={name!r} in data_dir={str(data_dir)!r} would replace {str(data_dir / name)!r}, which holds "
+            f"files gptmini did not write ({shown}); they are never deleted: choose another data.name= or data_dir="
+        )
+
+
 def swap_in(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` with renames: a crash leaves the old folder, the new one, or none; never a mix."""
+    """Replace `out` by `tmp` with renames: a crash leaves the old folder, the new one, or none; never a mix.
+
+    Only a dataset of ours is replaced (checked again here: a user may have put files there meanwhile)."""
+    check_replaceable(out.parent, out.name)
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=_prefix(out.name, "old"), dir=out.parent))  # empty: a rename replaces it
