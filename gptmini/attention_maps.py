@@ -7,6 +7,7 @@ Drawn with Pillow (which TensorBoard's image summaries need anyway), so no plott
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gptmini.heatmap import heatmap
 from gptmini.model import GPT
+from gptmini.paths import write_atomic
 from gptmini.run_log import TensorBoard, attention_tag
 from gptmini.tokenizer import Tokenizer
 
@@ -130,8 +132,9 @@ def save_prompt_attention(
     labels = token_labels(tokenizer, idx[0].tolist())
     grid = render_grid(weights, labels, layers, heads) if png_path or tb_dir else None
     if png_path:
-        Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-        grid.save(png_path, format="PNG")
+        png = io.BytesIO()
+        grid.save(png, format="PNG")
+        write_atomic(png_path, png.getvalue(), "attention_map")
     if tb_dir:
         tb = TensorBoard(Path(tb_dir))
         try:

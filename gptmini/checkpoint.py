@@ -26,6 +26,7 @@ import torch
 from gptmini.attention import weight_compatible_variants
 from gptmini.config import AttentionConfig, ModelConfig
 from gptmini.model import GPT
+from gptmini.paths import CHECKPOINTS_DIR
 from gptmini.pretrained import is_pretrained_ref, load_pretrained_for_inference
 from gptmini.tokenizer import Tokenizer, tokenizer_from_spec
 
@@ -41,7 +42,7 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

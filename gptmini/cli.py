@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +31,10 @@ def to_dataclass(cfg: DictConfig) -> Any:
 def run_reporting_errors(fn: Callable[[], T]) -> T:
     """Run `fn`; bad input ends the process with one line on stderr and exit code 2, Ctrl-C with one line and 130.
 
-    HYDRA_FULL_ERROR=1 shows the full traceback instead, as it does for Hydra's own errors.
+    HYDRA_FULL_ERROR=1 shows the full traceback instead, as it does for Hydra's own errors. SIGTERM ends it as
+    Ctrl-C does, running `finally` blocks on the way (the training loop installs its own handler while it runs).
     """
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return fn()
     except USER_ERRORS as err:
@@ -40,11 +43,21 @@ def run_reporting_errors(fn: Callable[[], T]) -> T:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print("error: interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+        terminated = isinstance(err, Terminated)
+        print(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        sys.exit(143 if terminated else 130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM raised as an exception where the process is, so that `finally` blocks remove half-written temporary
+    files and folders as they do for Ctrl-C (Python's default SIGTERM ends the process without running them)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def run_command(config_name: str, fn: Callable[..., Any], with_run_dir: bool = False) -> None:

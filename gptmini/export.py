@@ -17,8 +17,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import secrets
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from gptmini.config import ExportConfig, ModelConfig
 from gptmini.model import GPT
+from gptmini.paths import make_staging_dir, remove_stale_staging
 from gptmini.pretrained import GPT2_VOCAB, is_gpt2_tokenizer, key_map
 
 ENDOFTEXT = "<|endoftext|>"
@@ -199,9 +200,9 @@ def export_hf(model: GPT, tokenizer_spec: Mapping[str, Any] | None, out: str | P
     check_exportable(cfg, tokenizer_spec)
     check_out(out)
     dtype = dtype or next(model.parameters()).dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    for found, pid in remove_stale_staging(out.parent, out.name):
+        print(f"export: removed {found}, left by an interrupted export (process {pid} is gone)", file=sys.stderr)
+    tmp = make_staging_dir(out.parent, out.name)
     try:
         _write_json(tmp / "config.json", hf_config(cfg, tokenizer_spec, dtype))
         weights = tmp / "model.safetensors"

@@ -18,7 +18,7 @@ from gptmini.checkpoint import load_for_inference
 from gptmini.config import GenerateConfig
 from gptmini.device import autocast, resolve_device, resolve_dtype
 from gptmini.model import GPT
-from gptmini.paths import check_writable
+from gptmini.paths import check_output_file, write_atomic
 from gptmini.sampling import generate_stream
 from gptmini.tokenizer import Tokenizer
 
@@ -114,7 +114,7 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
         check_compiler(device)
     for key in ("out", "attention_map"):  # before sampling: a long sample is not lost at the end
         if getattr(cfg, key):
-            check_writable(getattr(cfg, key), key, folder=False)
+            check_output_file(getattr(cfg, key), key, reads=(cfg.ckpt, cfg.prompt_file))
     prompt = read_prompt(cfg)
     model, tokenizer, _, _ = load_for_inference(cfg.ckpt, device, cfg.model.attention)
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
@@ -134,9 +134,7 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
         write(SEPARATOR + sample)
     write("\n")
     if cfg.out:
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(SEPARATOR.join(samples) + "\n")
+        write_atomic(cfg.out, (SEPARATOR.join(samples) + "\n").encode(), "out")
     return samples
 
 

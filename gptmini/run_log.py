@@ -16,6 +16,7 @@ import numpy as np
 from torch import Tensor
 
 from gptmini.heatmap import heatmap, heatmap_grid
+from gptmini.paths import LOG_FILE
 
 
 def setup_logger(run_dir: Path, name: str = "gptmini") -> logging.Logger:
@@ -30,7 +31,7 @@ def setup_logger(run_dir: Path, name: str = "gptmini") -> logging.Logger:
     logger.propagate = False
     if not logger.handlers:
         run_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler = logging.FileHandler(run_dir / LOG_FILE)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         console = logging.StreamHandler(sys.stderr)
         console.addFilter(lambda record: not getattr(record, "step_line", False))

@@ -45,6 +45,7 @@ from gptmini.distributed import (
 from gptmini.evaluate import evaluate_split
 from gptmini.model import GPT
 from gptmini.optim import set_lr, skips_on_device, step_unless
+from gptmini.paths import CONFIG_FILE
 from gptmini.run_lock import RunDirLocked, run_dir_lock
 from gptmini.run_log import TensorBoard, progress_bar, run_outputs, to_yaml
 from gptmini.run_setup import Hardware, RunParts, TrainingError, build_run
@@ -248,7 +249,7 @@ class TrainingRun:
 
     def write_header(self) -> None:
         if self.hw.env.is_main:
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.full_config))
+            (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.full_config))
         n_params = self.model.num_parameters()
         self.log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={self.model_cfg.attention.name}")
         self.tb.text("system/backend", f"{self.hw.info.backend}; dtype {self.hw.dtype}; torch {torch.__version__}; "

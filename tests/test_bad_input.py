@@ -158,6 +158,10 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
                                          f"data_dir={root / 'd2'}"], "data.text_field="),
         ("data: corpus inside its dataset's folder", [*DATA, "data=text", f"data.path={root / 'd2' / 'mine'}",
                                                       "data.name=mine", f"data_dir={root / 'd2'}"], "lies inside"),
+        ("generate: out is the checkpoint it reads", [*gen, f"out={run / 'checkpoints' / 'last.pt'}"],
+         "out=" + repr(str(run / "checkpoints" / "last.pt")) + " lies in a run's checkpoints folder"),
+        ("generate: attention_map onto a run's config", [*gen, f"attention_map={run / 'config.yaml'}"],
+         "is a file of a training run"),
     ]
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from gptmini import data as data_lib
 from gptmini.data import DataError, load_prepared, preparation, staging
+from gptmini.paths import HOST
 
 sys.path.insert(0, str(Path(__file__).parent))
 from data_helpers import cfg_for, file_ids, listing, make_docs, prepared_then_changed, run, split_docs, text_of  # noqa: E402
@@ -132,12 +133,12 @@ def test_a_killed_preparation_leaves_a_folder_the_next_one_removes(tmp_path):
     _, stderr = killed.communicate(timeout=300)
     assert killed.returncode == -signal.SIGKILL, stderr
     [stale] = [name for name in listing(data) if name.startswith(".corpus.tmp-")]
-    assert stale.startswith(f".corpus.tmp-{killed.pid}@{staging.HOST}-") and (data / stale / "train.bin").exists()
+    assert stale.startswith(f".corpus.tmp-{killed.pid}@{HOST}-") and (data / stale / "train.bin").exists()
     assert {name: (out / name).read_bytes() for name in listing(out)} == before  # the killed run changed nothing
-    keep = [f".corpus.tmp-{os.getpid()}@{staging.HOST}-live",  # a live preparation (this process)
-            f".corpus.tmp-{killed.pid}@{staging.HOST}x-other",  # made on another machine sharing data_dir
-            f".other.tmp-{killed.pid}@{staging.HOST}-x"]  # another dataset's: its own prepare cleans it
-    for name in [*keep, f".corpus.old-{killed.pid}@{staging.HOST}-y"]:
+    keep = [f".corpus.tmp-{os.getpid()}@{HOST}-live",  # a live preparation (this process)
+            f".corpus.tmp-{killed.pid}@{HOST}x-other",  # made on another machine sharing data_dir
+            f".other.tmp-{killed.pid}@{HOST}-x"]  # another dataset's: its own prepare cleans it
+    for name in [*keep, f".corpus.old-{killed.pid}@{HOST}-y"]:
         (data / name).mkdir()
     again, logs = run(cfg_for(tmp_path / "corpus"), data)
     assert listing(data) == sorted(["corpus", *keep])
@@ -149,9 +150,9 @@ def test_a_killed_preparation_leaves_a_folder_the_next_one_removes(tmp_path):
 def test_a_previous_dataset_caught_mid_swap_is_kept(tmp_path):
     """A process killed between its two renames leaves the previous dataset as `.NAME.old-*`: not deleted."""
     data = tmp_path / "data"
-    (data / f".corpus.old-{2**22 + 12345}@{staging.HOST}-z").mkdir(parents=True)  # no such process; no corpus/
+    (data / f".corpus.old-{2**22 + 12345}@{HOST}-z").mkdir(parents=True)  # no such process; no corpus/
     staging.remove_stale(data, "corpus", print)
-    assert listing(data) == [f".corpus.old-{2**22 + 12345}@{staging.HOST}-z"]
+    assert listing(data) == [f".corpus.old-{2**22 + 12345}@{HOST}-z"]
 
 
 @pytest.mark.parametrize("layout", ["file", "folder"])

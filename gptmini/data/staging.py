@@ -1,18 +1,15 @@
 """Where a preparation writes: a temporary folder beside the dataset, swapped in by renames when complete.
 
-Temporary folders are named `.<name>.tmp-<pid>@<host>-<random>`: a preparation killed before it could clean
-up leaves one, and the next preparation on the same machine removes it once that process is gone. OS errors
-while writing become one `DataError` line naming `data_dir=`, and the earlier dataset stays as it was.
+Temporary folders are named `.<name>.tmp-<pid>@<host>-<random>` (`gptmini.paths`): a preparation killed before
+it could clean up leaves one, and the next preparation on the same machine removes it once that process is gone.
+OS errors while writing become one `DataError` line naming `data_dir=`, and the earlier dataset stays as it was.
 """
 
 from __future__ import annotations
 
 import errno
-import glob
 import os
-import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -20,11 +17,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gptmini.data.format import SPLIT_NAMES, DataError, bin_path, foreign_entries
+from gptmini.paths import make_staging_dir, remove_stale_staging, staging_prefix
 
-HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
 # A full disk or quota: when converting the corpus into the data folder hits one, data_dir is to blame.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-OWNED = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>[A-Za-z0-9_.]+)-[^/]*")
 
 Log = Callable[[str], None]
 
@@ -60,52 +56,15 @@ def check_data_dir(data_dir: Path) -> None:
         raise DataError(f"data_dir={str(data_dir)!r} is a file, not a folder; choose a folder for data_dir=")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _prefix(name: str, kind: str) -> str:
-    return f".{name}.{kind}-{os.getpid()}@{HOST}-"
-
-
 def make_tmp(data_dir: Path, name: str) -> Path:
     """A new, empty temporary folder for dataset `name`, named after this process."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(name, "tmp"), dir=data_dir))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the prepared folder is as shareable as any
-    return tmp
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill would end the process there: never call a folder stale
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
+    return make_staging_dir(data_dir, name)
 
 
 def remove_stale(data_dir: Path, name: str, log: Log) -> None:
-    """Remove what killed preparations of `name` on this machine left: temporary folders whose process is gone.
-
-    A live preparation's folder, and any folder made on another machine (a shared data_dir), stays.
-    """
-    if not data_dir.is_dir():
-        return
-    for found in sorted(glob.glob(os.path.join(glob.escape(str(data_dir)), f".{glob.escape(name)}.*-*"))):
-        match = OWNED.fullmatch(os.path.basename(found))
-        if not match or match["name"] != name or match["host"] != HOST or _alive(int(match["pid"])):
-            continue
-        if match["kind"] == "old" and not (data_dir / name).exists():
-            continue  # killed mid-swap: this is the previous dataset, keep it
-        shutil.rmtree(found, ignore_errors=True)
-        if not os.path.exists(found):
-            log(f"data: removed {found}, left by an interrupted preparation (process {match['pid']} is gone)")
+    """Remove what killed preparations of `name` on this machine left (see `gptmini.paths.remove_stale`)."""
+    for found, pid in remove_stale_staging(data_dir, name):
+        log(f"data: removed {found}, left by an interrupted preparation (process {pid} is gone)")
 
 
 def check_replaceable(data_dir: Path, name: str) -> None:
@@ -126,7 +85,8 @@ def swap_in(tmp: Path, out: Path) -> None:
     check_replaceable(out.parent, out.name)
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=_prefix(out.name, "old"), dir=out.parent))  # empty: a rename replaces it
+        # An empty folder: the rename below replaces it.
+        old = Path(tempfile.mkdtemp(prefix=staging_prefix(out.name, "old"), dir=out.parent))
         os.replace(out, old)
     try:
         os.replace(tmp, out)
