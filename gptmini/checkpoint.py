@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from gptmini.attention import weight_compatible_variants
-from gptmini.config import AttentionConfig, ModelConfig
+from gptmini.config import AttentionConfig, ModelConfig, OptimConfig
 from gptmini.model import GPT
 from gptmini.paths import CHECKPOINTS_DIR
 from gptmini.pretrained import is_pretrained_ref, load_pretrained_for_inference
@@ -144,13 +144,22 @@ def resume_path(resume: str, ckpt_dir: Path) -> Path | None:
     return path
 
 
-def check_compatible(saved: dict[str, Any], model_cfg: ModelConfig, tokenizer_spec: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint whose model or tokenizer differs, naming the fields."""
+# Optimizer settings that shape its state (which optimizer, which parameter groups): fixed for a run's life.
+OPTIMIZER_LAYOUT = ("name", "decay_embeddings")
+
+
+def check_compatible(saved: dict[str, Any], model_cfg: ModelConfig, tokenizer_spec: dict[str, Any],
+                     optim_cfg: OptimConfig | None = None) -> None:
+    """Refuse to resume a checkpoint whose model, tokenizer or optimizer layout differs, naming the fields."""
     ours = dataclasses.asdict(model_cfg)
     theirs = saved["config"]["model"]
     diffs = [
         f"model.{k}: checkpoint {theirs.get(k)!r} vs now {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]
     ]
+    if optim_cfg is not None:
+        saved_optim = saved["config"].get("optim", {})
+        diffs += [f"optim.{k}: checkpoint {saved_optim[k]!r} vs now {getattr(optim_cfg, k)!r}"
+                  for k in OPTIMIZER_LAYOUT if k in saved_optim and saved_optim[k] != getattr(optim_cfg, k)]
     if saved.get("tokenizer") != tokenizer_spec:
         diffs.append(TOKENIZER_DIFFERS)
     if diffs:

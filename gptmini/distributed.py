@@ -157,7 +157,19 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, strateg
 def load_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], strategy: str
 ) -> None:
-    """The inverse of `full_state_dicts` for the optimizer (every rank holds the full state)."""
+    """The inverse of `full_state_dicts` for the optimizer (every rank holds the full state).
+
+    Only the state (moments, step counts) comes from the checkpoint: each group's settings (`base_lr`,
+    `weight_decay`, betas ...) stay those the current config built, so a resumed run applies the values it logs.
+    """
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    _load_optimizer_state(model, optimizer, state, strategy)
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
+
+
+def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                          strategy: str) -> None:
     if strategy != "fsdp":
         optimizer.load_state_dict(state)
         return

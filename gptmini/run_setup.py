@@ -85,11 +85,17 @@ def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
     if cfg.model.init_from is not None and resume_from is None:
         check_pretrained_source(cfg)  # the tokenizer and the weights' folder, before minutes of preparation
     resume = read_resume(resume_from, env)
+    if resume is not None and resume["step"] > cfg.train.max_iters:
+        raise TrainingError(
+            f"train.max_iters={cfg.train.max_iters} is before step {resume['step']} of {str(resume_from)!r}, the "
+            f"checkpoint this run resumes; give a larger train.max_iters, or a new hydra.run.dir"
+        )
     data = load_data(cfg, env, resume)
     model, model_cfg = build_model(cfg, data, resume, hw.device, env)
     if resume is not None:
-        check_compatible(resume, model_cfg, data.tokenizer.spec())
+        check_compatible(resume, model_cfg, data.tokenizer.spec(), cfg.optim)
         notes.append(f"resumed from {resume_from} at step {resume['step']}")
+        notes += resume_changes(resume, cfg)
         model.load_state_dict(resume["model"])
     elif model_cfg.init_from is not None:
         notes.append(f"initialised from pretrained GPT-2 weights: {model_cfg.init_from}")
@@ -102,6 +108,18 @@ def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
         load_optimizer_state(model, optimizer, resume["optimizer"], hw.strategy)
     return RunParts(hw=hw, data=data, model_cfg=model_cfg, model=model, wrapped=wrapped, optimizer=optimizer,
                     resume=resume, notes=notes, kernel=kernel)
+
+
+def resume_changes(resume: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """One note per train./optim. setting that differs from the checkpoint's: a resumed run applies the new value
+    (the learning-rate schedule is recomputed over the new train.max_iters), and says so."""
+    notes = []
+    for section in ("train", "optim"):
+        saved = resume["config"].get(section, {})
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if key in saved and saved[key] != value and key not in ("resume", "stop_after"):
+                notes.append(f"resume: {section}.{key} is now {value!r} (the checkpoint's run had {saved[key]!r})")
+    return notes
 
 
 def wants_kernel_probe(device: torch.device) -> bool:

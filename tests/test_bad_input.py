@@ -162,6 +162,10 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "out=" + repr(str(run / "checkpoints" / "last.pt")) + " lies in a run's checkpoints folder"),
         ("generate: attention_map onto a run's config", [*gen, f"attention_map={run / 'config.yaml'}"],
          "is a file of a training run"),
+        ("train: resume with max_iters before the checkpoint's step", trainer("train.max_iters=1"),
+         "train.max_iters=1 is before step 2"),
+        ("train: resume with another optimizer", trainer("optim.name=muon"),
+         "optim.name: checkpoint 'adamw' vs now 'muon'"),
     ]
 
 
