@@ -166,13 +166,19 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "train.max_iters=1 is before step 2"),
         ("train: resume with another optimizer", trainer("optim.name=muon"),
          "optim.name: checkpoint 'adamw' vs now 'muon'"),
+        ("data: a URL corpus offline, no local copy", [*DATA, "data=shakespeare_char", f"data_dir={root / 'd2'}"],
+         "HF_DATASETS_OFFLINE=1 forbids downloads"),
+        ("data: a hub corpus offline", [*DATA, "data=tinystories", f"data_dir={root / 'd2'}"],
+         "data.hub_name='roneneldan/TinyStories' could not be loaded"),
     ]
 
 
 def run_case(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run one case. Cases run three at a time and many point at the same earlier run, whose lock admits one
     training process at a time: a case refused for that reason (the lock doing its job) is run again."""
-    offline = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # never download a GPT-2 in a test
+    # Never download a GPT-2 or a corpus in a test, nor find one downloaded before.
+    offline = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "GPTMINI_CACHE": str(cwd / "no-cache")}
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | offline
     for _ in range(20):
         result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

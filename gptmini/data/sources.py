@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gptmini.config import DataConfig
+from gptmini.data.download import fetch_url
 from gptmini.data.format import DataError
 from gptmini.data.staging import DISK_FULL, Log
 
@@ -187,15 +188,17 @@ def load_documents(cfg: DataConfig, source: dict[str, Any], log: Log = stderr_lo
     """The corpus as a `datasets` Dataset (or IterableDataset when streaming) with a `text` column (and `id`).
 
     Local .jsonl/.parquet files are converted into `cache_dir` (a throwaway folder: the prepared .bin files are
-    the cache), not into the Hugging Face cache; downloads (url, hub) use the Hugging Face cache as usual.
+    the cache), not into the Hugging Face cache; a URL is downloaded once into gptmini's download cache
+    (`gptmini.data.download`), a hub dataset into the Hugging Face cache as usual.
     """
     import datasets
 
     files = [Path(f[0]) for f in source.get("files", [])]
     if source["kind"] == "url":
-        ds = datasets.load_dataset("text", data_files={"train": cfg.url}, sample_by="document", split="train")
+        text = read_text(fetch_url(cfg.url, log), cfg.on_bad_utf8, log)
+        return datasets.Dataset.from_dict({"id": ["0"], "text": [text]})
     elif source["kind"] == "hub":
-        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_subset, split=cfg.hub_split, streaming=cfg.streaming)
+        ds = _load_hub(cfg)
     elif source["kind"] == "python_stdlib" or FILE_TYPES[files[0].suffix] == "text":
         # Ids relative to the corpus folder: the split is the same wherever the corpus lies.
         root = Path(source["root"]) if "root" in source else Path(os.path.commonpath([p.parent for p in files]))
@@ -205,6 +208,20 @@ def load_documents(cfg: DataConfig, source: dict[str, Any], log: Log = stderr_lo
     else:
         ds = _load_table_files(cfg, files, log, cache_dir)
     return text_column(ds, cfg.text_field, cfg, files)
+
+
+def _load_hub(cfg: DataConfig):
+    """A hub dataset; what keeps it from loading (offline, unknown name, a loading script) is one line."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(cfg.hub_name, cfg.hub_subset, split=cfg.hub_split, streaming=cfg.streaming)
+    except Exception as err:
+        cause = innermost(err)
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+            raise cause from None
+        raise DataError(f"data.hub_name={cfg.hub_name!r} could not be loaded ({one_line(err)}); check the name and "
+                        f"the network, or pass a local copy with data.path=FILE") from None
 
 
 def _load_table_files(cfg: DataConfig, files: list[Path], log: Log, cache_dir: Path | None):
