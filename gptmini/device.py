@@ -185,3 +185,18 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, block_size: int) -
 
 def mfu(tokens_per_s: float, flops_token: float, peak: float | None) -> float | None:
     return None if peak is None else tokens_per_s * flops_token / peak
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that a new allocation on `device` can still get: free GPU memory, or the OS's MemAvailable on Linux
+    CPUs; None where neither can be read (the caller then skips its bound rather than guessing)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from gptmini.checkpoint import load_for_inference
 from gptmini.config import GenerateConfig
-from gptmini.device import autocast, resolve_device, resolve_dtype
+from gptmini.device import autocast, available_memory, resolve_device, resolve_dtype
 from gptmini.model import GPT
 from gptmini.paths import check_output_file, write_atomic
 from gptmini.sampling import generate_stream
@@ -118,6 +118,7 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     prompt = read_prompt(cfg)
     model, tokenizer, _, _ = load_for_inference(cfg.ckpt, device, cfg.model.attention)
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    check_sample_memory(cfg, model, len(ids), device)
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (N, T)
 
     with autocast(device, dtype):
@@ -136,6 +137,26 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     if cfg.out:
         write_atomic(cfg.out, (SEPARATOR.join(samples) + "\n").encode(), "out")
     return samples
+
+
+def sample_bytes(model: GPT, prompt_tokens: int, new_tokens: int, elem: int = 4) -> int:
+    """A lower bound on the memory one more row of a batch costs: its token ids, its KV cache (keys and values of
+    every layer over the window) and its logits and probabilities over the vocabulary at one position."""
+    c = model.config
+    window = min(prompt_tokens + new_tokens, c.block_size)
+    return 8 * (prompt_tokens + new_tokens) + 2 * c.n_layer * window * c.n_embd * elem + 2 * c.vocab_size * elem
+
+
+def check_sample_memory(cfg: GenerateConfig, model: GPT, prompt_tokens: int, device: torch.device) -> None:
+    """Refuse a batch of samples that cannot fit before allocating it (a huge num_samples ran out of memory after
+    a minute); where free memory cannot be read, no bound is applied."""
+    free = available_memory(device)
+    need = cfg.num_samples * sample_bytes(model, prompt_tokens, cfg.max_new_tokens)
+    if free is not None and need > free:
+        raise ValueError(
+            f"num_samples={cfg.num_samples} needs at least {need / 2**30:,.1f} GiB for its tokens, KV cache and "
+            f"logits, more than the {free / 2**30:,.1f} GiB free on {device.type}; ask for fewer samples at a time"
+        )
 
 
 def save_attention(cfg: GenerateConfig, model: GPT, tokenizer: Tokenizer, idx: Tensor) -> None:

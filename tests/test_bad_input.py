@@ -170,6 +170,7 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "HF_DATASETS_OFFLINE=1 forbids downloads"),
         ("data: a hub corpus offline", [*DATA, "data=tinystories", f"data_dir={root / 'd2'}"],
          "data.hub_name='roneneldan/TinyStories' could not be loaded"),
+        ("generate: num_samples beyond memory", [*gen, "num_samples=1000000000"], "num_samples=1000000000 needs"),
     ]
 
 
