@@ -63,6 +63,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
     with torch.no_grad():
         hf.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
     save_hf(hf, root / "hf_inf")
+    (root / "conf" / "lab").mkdir(parents=True)  # an experiment file with a Hydra callback
+    (root / "conf" / "lab" / "callback.yaml").write_text(
+        "# @package _global_\nhydra:\n  callbacks:\n    x:\n      _target_: builtins.print\n")
     return {"root": root, "corpus": corpus, "run": run}
 
 
@@ -169,6 +172,13 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "nan.pt': its weights hold NaN"),
         ("generate: Hugging Face folder holding inf", [*GENERATE, f"ckpt={root / 'hf_inf'}"],
          f"ckpt={root / 'hf_inf'}: its weights hold NaN or inf"),
+        ("generate: hydra callback in an experiment file", [*gen, f"hydra.searchpath=[file://{root / 'conf'}]",
+                                                            "+lab=callback"], "hydra.callbacks.x._target_="),
+        ("train: hydra callback in an experiment file", trainer(f"hydra.searchpath=[file://{root / 'conf'}]",
+                                                                "+lab=callback"), "_target_ is refused"),
+        ("train: _target_ in an override", trainer("+hydra.callbacks.y._target_=os.getcwd"),
+         "hydra.callbacks.y._target_='os.getcwd'"),
+        ("generate: another config dir", [*gen, "-cd", str(root / "conf")], "-cd: gptmini's commands read"),
         ("data: jsonl text field null", [*DATA, "data=text", f"data.path={root / 'null_text.jsonl'}",
                                          f"data_dir={root / 'd2'}"], "data.text_field="),
     ]
@@ -210,7 +220,7 @@ def test_every_bad_input_is_one_clear_line_and_changes_nothing(world):
     assert not failures, "\n\n".join(failures)
     assert snapshot(world["run"]) == before  # no file of the earlier run changed
     # no stray runs
-    assert {p.name for p in world["root"].iterdir() if p.is_dir()} <= {"d2", "d3", "data", "run", "hf_inf"}
+    assert {p.name for p in world["root"].iterdir() if p.is_dir()} <= {"d2", "d3", "data", "run", "hf_inf", "conf"}
 
 
 @pytest.mark.slow
