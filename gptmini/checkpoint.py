@@ -180,10 +180,9 @@ def check_finite_weights(weights: dict[str, Any], where: str) -> None:
     """Refuse weights holding NaN or inf where they enter (a checkpoint, a Hugging Face folder), in one line
     naming `where` (the file, or the key=value the user typed) and the first such tensor. Training never saves
     such weights; a file from elsewhere could hold them, and a model built from them only prints nan."""
-    bad = [name for name, tensor in weights.items() if not all_finite(tensor)]
-    if bad:
-        more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
-        raise CheckpointError(f"{where}: its weights hold NaN or inf (in {bad[0]}{more}), so they cannot be used "
+    bad = next((name for name, tensor in weights.items() if not all_finite(tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{where}: its weights hold NaN or inf (first in {bad}), so they cannot be used "
                               f"(a damaged file, or one saved from a diverged model)")
 
 

@@ -166,7 +166,7 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("train: run directory below a file", elsewhere(f"hydra.run.dir={root / 'notes.txt' / 'run'}"),
          "which is a file"),
         ("generate: checkpoint holding NaN", [*GENERATE, f"ckpt={root / 'nan.pt'}"],
-         "nan.pt': its weights hold NaN or inf (in wte.weight)"),
+         "nan.pt': its weights hold NaN or inf (first in wte.weight)"),
         ("evaluate: checkpoint holding NaN", [*EVALUATE, f"ckpt={root / 'nan.pt'}"], "nan.pt': its weights hold NaN"),
         ("export: checkpoint holding NaN", [*EXPORT, f"ckpt={root / 'nan.pt'}", f"out={root / 'hf'}"],
          "nan.pt': its weights hold NaN"),

@@ -48,7 +48,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def test_a_checkpoint_holding_nan_or_inf_is_refused_by_every_command(checkpoints, kind, tmp_path):
     bad = checkpoints[kind]
     assert load_for_inference(checkpoints["good"]).model is not None  # the same file, finite, loads
-    message = rf"^'{bad}': its weights hold NaN or inf \(in {BAD}\), so they cannot be used"
+    message = rf"^'{bad}': its weights hold NaN or inf \(first in {BAD}\), so they cannot be used"
     commands = {
         "generate": lambda: run_generation(GenerateConfig(ckpt=str(bad), max_new_tokens=3, device="cpu"), None),
         "evaluate": lambda: run_evaluation(EvaluateConfig(ckpt=str(bad), eval=EvalOptions(device="cpu")), None),
@@ -80,7 +80,7 @@ def hf_folders(tmp_path_factory) -> dict[str, Path]:
 def test_a_hugging_face_folder_holding_nan_is_refused(hf_folders, tiktoken_cache, tmp_path):
     good, bad = hf_folders["good"], hf_folders["bad"]
     assert load_for_inference(str(good)).model is not None  # the same folder, finite, loads
-    with pytest.raises(ValueError, match=rf"^ckpt={bad}: its weights hold NaN or inf \(in \S*h.1.attn.c_attn"):
+    with pytest.raises(ValueError, match=rf"^ckpt={bad}: its weights hold NaN or inf \(first in \S*h.1.attn.c_attn"):
         load_for_inference(str(bad))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
