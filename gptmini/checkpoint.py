@@ -199,6 +199,16 @@ def all_finite(*trees: Any) -> bool:
     return True
 
 
+def check_finite_weights(weights: dict[str, Any], where: str) -> None:
+    """Refuse weights holding NaN or inf where they enter (a checkpoint, a Hugging Face folder), in one line
+    naming `where` (the file, or the key=value the user typed) and the first such tensor. Training never saves
+    such weights; a file from elsewhere could hold them, and a model built from them only prints nan."""
+    bad = next((name for name, tensor in weights.items() if not all_finite(tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{where}: its weights hold NaN or inf (first in {bad}), so they cannot be used "
+                              f"(a damaged file, or one saved from a diverged model)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Random-number state: part of a checkpoint so that a resumed run continues exactly.
 
@@ -260,6 +270,7 @@ def load_for_inference(
             raise TypeError(f"'model' holds a {type(weights).__name__}, not a state dict")
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{str(path)!r} lacks a valid model config, tokenizer or weights ({err})") from None
+    check_finite_weights(weights, repr(str(path)))
     if attention is not None:
         model_cfg = dataclasses.replace(model_cfg, attention=swap_attention(model_cfg.attention, attention))
     model = GPT(model_cfg)

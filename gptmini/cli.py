@@ -124,11 +124,12 @@ def check_overrides(config_name: str, argv: list[str]) -> list[Path]:
     Returns the folders Hydra is about to create for the run directory (the missing ones, deepest first).
     """
     multirun = any(arg in ("-m", "--multirun") for arg in argv)
-    args = [arg for arg in argv if arg not in ("-m", "--multirun")]
-    if any(arg.startswith("-") for arg in args):
-        return []
+    args = [arg for arg in argv if arg not in ("-m", "--multirun", "-r", "--run")]
     new_dirs: list[Path] = []
     try:
+        if any(arg.startswith("-") for arg in args):
+            check_flags(args)  # informational: Hydra shows something and runs nothing
+            return []
         for overrides in _sweep_variants(args) if multirun else [args]:
             cfg = _compose(config_name, overrides)
             if not multirun and "run" in cfg.get("hydra", {}):
@@ -142,6 +143,43 @@ def check_overrides(config_name: str, argv: list[str]) -> list[Path]:
         cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
         print(f"error: {one_line(str(err) + cause)}", file=sys.stderr)
         sys.exit(2)
+
+
+# Hydra's flags that show something and run no job (no callback is instantiated).
+INFO_FLAGS = ("-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "--resolve", "-p", "--package", "-i",
+              "--info", "-sc", "--shell-completion")
+# `_target_` Hydra itself reads: it instantiates only registered plugin classes from these two.
+HYDRA_PLUGIN_TARGETS = ("hydra.launcher._target_", "hydra.sweeper._target_")
+
+
+def check_flags(args: list[str]) -> None:
+    """Refuse the flags that change where the config comes from (`-cd`, `-cn`, `-cp`, `--experimental-rerun`):
+    the checks here compose the commands' own configs, so a job must run on exactly those."""
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("-") and flag not in INFO_FLAGS:
+            raise ValueError(
+                f"{flag}: gptmini's commands read their configs from {CONFIG_DIR} only; add a folder of your own "
+                f"with hydra.searchpath=[file://FOLDER] and select its files with overrides (e.g. +experiment=NAME)"
+            )
+
+
+def refuse_targets(cfg: DictConfig) -> None:
+    """Refuse `_target_` anywhere in the composed config, the hydra section included: Hydra would import and call
+    it (a callback runs before any of our code), and gptmini instantiates nothing from its configuration."""
+    stack: list[tuple[str, Any]] = [("", OmegaConf.to_container(cfg, resolve=False))]
+    while stack:
+        prefix, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            path = f"{prefix}[{key}]" if isinstance(node, list) else f"{prefix}.{key}".lstrip(".")
+            if key == "_target_" and path not in HYDRA_PLUGIN_TARGETS:
+                raise ValueError(
+                    f"{path}={value!r}: _target_ is refused anywhere in the configuration, its hydra: section "
+                    f"included (Hydra would import and call it; gptmini instantiates nothing from its config); "
+                    f"remove it from the experiment file or override that sets it"
+                )
+            stack.append((path, value))
 
 
 def _hydra_errors() -> type[BaseException]:
@@ -160,6 +198,7 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    refuse_targets(cfg)
     job = cfg.copy()
     with open_dict(job):
         del job["hydra"]

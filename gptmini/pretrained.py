@@ -269,8 +269,12 @@ def load_hf_gpt2(ref: str, attention: AttentionConfig | None = None, *, key: str
 
 
 def _load_folder(folder: Path, where: str, attention: AttentionConfig | None) -> tuple[ModelConfig, dict[str, Tensor]]:
+    from gptmini.checkpoint import check_finite_weights  # here: gptmini.checkpoint imports this module
+
     cfg = hf_model_config(read_hf_config(folder, where), where, attention)
-    return cfg, hf_to_canonical(read_hf_weights(folder, where), cfg, where)
+    tensors = read_hf_weights(folder, where)
+    check_finite_weights(tensors, where)
+    return cfg, hf_to_canonical(tensors, cfg, where)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,11 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
+from gptmini.checkpoint import load_checkpoint, save_checkpoint
 from gptmini.cli import one_line
 from gptmini.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hf_helpers import hf_gpt2, save_hf  # noqa: E402
 from test_train import make_config  # noqa: E402  (the shared tiny-run config)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +58,16 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (root / "d2" / "mine" / "notes.txt").write_text("a corpus kept where its dataset would go\n" * 50)
     good = (run / "checkpoints" / "last.pt").read_bytes()
     (root / "truncated.pt").write_bytes(good[: len(good) // 2])
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state["model"]["wte.weight"][0, 0] = float("nan")
+    save_checkpoint(state, root / "nan.pt")
+    hf = hf_gpt2(vocab_size=211)
+    with torch.no_grad():
+        hf.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    save_hf(hf, root / "hf_inf")
+    (root / "conf" / "lab").mkdir(parents=True)  # an experiment file with a Hydra callback
+    (root / "conf" / "lab" / "callback.yaml").write_text(
+        "# @package _global_\nhydra:\n  callbacks:\n    x:\n      _target_: builtins.print\n")
     return {"root": root, "corpus": corpus, "run": run}
 
 
@@ -154,6 +167,20 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("train: zero vocab_multiple", trainer("model.vocab_multiple=0"), "model.vocab_multiple=0"),
         ("train: run directory below a file", elsewhere(f"hydra.run.dir={root / 'notes.txt' / 'run'}"),
          "which is a file"),
+        ("generate: checkpoint holding NaN", [*GENERATE, f"ckpt={root / 'nan.pt'}"],
+         "nan.pt': its weights hold NaN or inf (first in wte.weight)"),
+        ("evaluate: checkpoint holding NaN", [*EVALUATE, f"ckpt={root / 'nan.pt'}"], "nan.pt': its weights hold NaN"),
+        ("export: checkpoint holding NaN", [*EXPORT, f"ckpt={root / 'nan.pt'}", f"out={root / 'hf'}"],
+         "nan.pt': its weights hold NaN"),
+        ("generate: Hugging Face folder holding inf", [*GENERATE, f"ckpt={root / 'hf_inf'}"],
+         f"ckpt={root / 'hf_inf'}: its weights hold NaN or inf"),
+        ("generate: hydra callback in an experiment file", [*gen, f"hydra.searchpath=[file://{root / 'conf'}]",
+                                                            "+lab=callback"], "hydra.callbacks.x._target_="),
+        ("train: hydra callback in an experiment file", trainer(f"hydra.searchpath=[file://{root / 'conf'}]",
+                                                                "+lab=callback"), "_target_ is refused"),
+        ("train: _target_ in an override", trainer("+hydra.callbacks.y._target_=os.getcwd"),
+         "hydra.callbacks.y._target_='os.getcwd'"),
+        ("generate: another config dir", [*gen, "-cd", str(root / "conf")], "-cd: gptmini's commands read"),
         ("data: jsonl text field null", [*DATA, "data=text", f"data.path={root / 'null_text.jsonl'}",
                                          f"data_dir={root / 'd2'}"], "data.text_field="),
         ("data: corpus inside its dataset's folder", [*DATA, "data=text", f"data.path={root / 'd2' / 'mine'}",
@@ -211,7 +238,8 @@ def test_every_bad_input_is_one_clear_line_and_changes_nothing(world):
             failures.append(f"{name}: {', '.join(problems)}\n{result.stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
     assert snapshot(world["run"]) == before  # no file of the earlier run changed
-    assert {p.name for p in world["root"].iterdir() if p.is_dir()} <= {"d2", "d3", "data", "run"}  # no stray runs
+    # no stray runs
+    assert {p.name for p in world["root"].iterdir() if p.is_dir()} <= {"d2", "d3", "data", "run", "hf_inf", "conf"}
 
 
 @pytest.mark.slow

@@ -97,3 +97,12 @@ def test_iter_windows_covers_every_target_once():
     exact = list(iter_windows(np.arange(21), window=5, batch_size=3))
     assert [tuple(x.shape) for x, _ in exact] == [(3, 5), (1, 5)]
     assert list(iter_windows(np.arange(1), 5, 2)) == [] and list(iter_windows(np.arange(0), 5, 2)) == []
+
+
+def test_iter_windows_keeps_a_last_window_of_one_target():
+    """22 tokens are 21 positions: four windows of 5, then x=[[20]] -> y=[[21]], which must not be dropped."""
+    batches = list(iter_windows(np.arange(22), window=5, batch_size=3))
+    assert [tuple(x.shape) for x, _ in batches] == [(3, 5), (1, 5), (1, 1)]
+    x, y = batches[-1]
+    assert x.tolist() == [[20]] and y.tolist() == [[21]]
+    assert torch.cat([y.flatten() for _, y in batches]).tolist() == list(range(1, 22))

@@ -41,8 +41,9 @@ def hand_loss(model: GPT, tokens: np.ndarray, window: int) -> float:
     return total / count
 
 
-@pytest.mark.parametrize(("n_tokens", "window", "batch_size"), [(203, 16, 4), (161, 16, 3), (50, 7, 64)])
+@pytest.mark.parametrize(("n_tokens", "window", "batch_size"), [(203, 16, 4), (161, 16, 3), (50, 7, 64), (22, 5, 2)])
 def test_evaluate_split_equals_hand_computation(n_tokens, window, batch_size):
+    """A partial last window (203: 10 positions), none (161, 50), and one of a single target (22: 21 positions)."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=11))
     tokens = np.random.default_rng(0).integers(0, 11, n_tokens).astype(np.uint16)

@@ -107,3 +107,13 @@ def test_temperature_sharpens():
     logits = torch.tensor([[1.0, 2.0, 3.0]])
     cold = torch.softmax(filter_logits(logits / 0.5), -1)
     assert cold[0, 2].item() == pytest.approx(math.exp(6) / (math.exp(2) + math.exp(4) + math.exp(6)), rel=1e-5)
+
+
+def test_temperature_is_applied_before_top_p():
+    """p = [.5, .3, .2] at temperature 0.5 is [.66, .24, .11]: token 0 alone reaches top_p=0.6. Filtering first
+    (at temperature 1, where .5 < .6) would keep token 1 too and draw it about a quarter of the time."""
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(4000, 3)
+    sharpened = torch.softmax(logits[0] / 0.5, -1)
+    assert sharpened[0] > 0.6 > torch.tensor([0.5, 0.3, 0.2])[0]  # the reference: why only token 0 survives
+    draws = next_token(logits, 0.5, None, 0.6, torch.Generator().manual_seed(0))
+    assert draws.shape == (4000, 1) and (draws == 0).all()

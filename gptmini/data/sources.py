@@ -58,6 +58,7 @@ def resolve_files(pattern: str) -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     else:
         raise SourceMissing(f"data.path={pattern!r} does not exist (give a file, a folder or a glob)")
+    files = once_each(files)
     if not files:
         raise SourceMissing(f"data.path={pattern!r} matches no {'/'.join(FILE_TYPES)} files")
     kinds = {FILE_TYPES.get(p.suffix) for p in files}
@@ -68,6 +69,18 @@ def resolve_files(pattern: str) -> list[Path]:
             f"use files of one kind: {', '.join(FILE_TYPES)}"
         )
     return files
+
+
+def once_each(files: list[Path]) -> list[Path]:
+    """Each real file once, sorted: a glob through a symlink loop (`d/self -> .`) or a link to a file already
+    listed names one file many times. Each keeps its shortest name as given (not the resolved one), so document
+    ids stay relative to the folder the user named."""
+    shortest: dict[Path, Path] = {}
+    for p in files:
+        real = p.resolve()
+        if real not in shortest or (len(p.parts), str(p)) < (len(shortest[real].parts), str(shortest[real])):
+            shortest[real] = p
+    return sorted(shortest.values())
 
 
 def _stat(files: list[Path]) -> list[list[Any]]:
