@@ -18,7 +18,14 @@ import torch
 
 from gptmini import data as data_lib
 from gptmini.attention import ATTENTION_REGISTRY
-from gptmini.checkpoint import check_compatible, check_tokenizer, checkpoint_dir, load_checkpoint, resume_path
+from gptmini.checkpoint import (
+    check_compatible,
+    check_finite_weights,
+    check_tokenizer,
+    checkpoint_dir,
+    load_checkpoint,
+    resume_path,
+)
 from gptmini.config import ModelConfig, RunConfig
 from gptmini.device import DeviceInfo, describe, resolve_device, resolve_dtype
 from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_state, resolve_strategy, wrap_model
@@ -180,7 +187,13 @@ def read_resume(path: Path | None, env: DistEnv) -> dict[str, Any] | None:
     """The checkpoint `train.resume` pointed at (rank 0 reads it, every rank gets it)."""
     if path is None:
         return None
-    return broadcast(load_checkpoint(path) if env.is_main else None, env)
+    return broadcast(_load_finite(path) if env.is_main else None, env)
+
+
+def _load_finite(path: Path) -> dict[str, Any]:
+    state = load_checkpoint(path)
+    check_finite_weights(state["model"], repr(str(path)))  # training never saves such weights; a copied file may
+    return state
 
 
 def check_pretrained_source(cfg: RunConfig) -> None:

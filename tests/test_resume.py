@@ -72,3 +72,16 @@ def test_an_optimizer_of_another_layout_is_refused(four_steps, override, named):
                       "optim.weight_decay=0.1", override)
     with pytest.raises(CheckpointError, match=named):
         train(cfg, four_steps["run"])
+
+
+def test_a_checkpoint_whose_weights_hold_nan_is_not_resumed(four_steps):
+    from gptmini.checkpoint import save_checkpoint
+
+    last = four_steps["run"] / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state.pop("format"), state.pop("version")
+    next(iter(state["model"].values()))[0] = float("nan")  # a copied or damaged file: training never saves one
+    save_checkpoint(state, last)
+    cfg = make_config(four_steps["corpus"], four_steps["data"], *TINY, "train.max_iters=6")
+    with pytest.raises(CheckpointError, match=r"last.pt': its weights hold NaN or inf"):
+        train(cfg, four_steps["run"])
