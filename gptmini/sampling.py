@@ -34,7 +34,11 @@ def next_token(
     """(B, V) logits -> (B, 1) token ids. temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # Shifted so the largest is 0 (softmax is shift-invariant) and divided in float64, where a temperature like
+    # 1e-300 is not 0: the others go to -inf and the draw to the argmax, instead of NaN probabilities.
+    logits = logits.double()
+    logits = ((logits - logits.amax(dim=-1, keepdim=True)) / temperature).float()
+    logits = filter_logits(logits, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
 

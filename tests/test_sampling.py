@@ -117,3 +117,12 @@ def test_temperature_is_applied_before_top_p():
     assert sharpened[0] > 0.6 > torch.tensor([0.5, 0.3, 0.2])[0]  # the reference: why only token 0 survives
     draws = next_token(logits, 0.5, None, 0.6, torch.Generator().manual_seed(0))
     assert draws.shape == (4000, 1) and (draws == 0).all()
+
+
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_a_vanishing_temperature_samples_the_argmax(top_p):
+    """temperature=1e-300 overflowed logits / T to inf, and softmax to NaN (a traceback in torch.multinomial);
+    its limit is greedy decoding."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -6.0]])
+    draws = next_token(logits, 1e-300, None, top_p, torch.Generator().manual_seed(0))
+    assert draws[:, 0].tolist() == [1, 0]
