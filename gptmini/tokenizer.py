@@ -192,8 +192,7 @@ def _load_tiktoken_file(path: Path):
             f"{str(path)!r} is not a .tiktoken vocabulary file (lines of 'base64-token rank'); it begins "
             f"{raw[:60].splitlines()[0]!r}"
         ) from None
-    if not ranks:
-        raise TokenizerError(f"{str(path)!r} is an empty .tiktoken vocabulary file")
+    _check_ranks(path, ranks, sum(1 for line in raw.splitlines() if line))
     params = _published_encoding(raw, ranks)
     if params is None:
         from tiktoken_ext.openai_public import r50k_pat_str
@@ -201,6 +200,29 @@ def _load_tiktoken_file(path: Path):
         params = {"pat_str": r50k_pat_str, "special_tokens": {ENDOFTEXT: max(ranks.values()) + 1}}
     params = {k: v for k, v in params.items() if k not in ("name", "mergeable_ranks")}
     return tiktoken.Encoding(name=path.stem, mergeable_ranks=ranks, **params)
+
+
+MAX_RANK = 2**24  # 16.7 M: far above any published vocabulary, and an embedding that size is already 50+ GB
+
+
+def _check_ranks(path: Path, ranks: dict[bytes, int], n_lines: int) -> None:
+    """What tiktoken assumes of a vocabulary and does not check itself (it panics, or allocates without bound):
+    every token once, every rank once and in [0, MAX_RANK), and each of the 256 bytes a token of its own, so that
+    any text can be encoded."""
+    where = f"{str(path)!r} is not a usable .tiktoken vocabulary"
+    if not ranks:
+        raise TokenizerError(f"{str(path)!r} is an empty .tiktoken vocabulary file")
+    if len(ranks) != n_lines:
+        raise TokenizerError(f"{where}: {n_lines - len(ranks)} token(s) appear more than once")
+    bad = next((r for r in ranks.values() if not 0 <= r < MAX_RANK), None)
+    if bad is not None:
+        raise TokenizerError(f"{where}: rank {bad} is outside [0, {MAX_RANK})")
+    if len(set(ranks.values())) != len(ranks):
+        raise TokenizerError(f"{where}: {len(ranks) - len(set(ranks.values()))} rank(s) are given to two tokens")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{where}: {len(missing)} of the 256 single bytes have no token (first: "
+                             f"{missing[0]:#04x}), so some text could not be encoded")
 
 
 def _published_encoding(raw: bytes, ranks: dict[bytes, int]) -> dict[str, Any] | None:

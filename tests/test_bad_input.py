@@ -6,6 +6,7 @@ and the run directory of an earlier run (which every train.py case points at) le
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -55,6 +56,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (root / "null_text.jsonl").write_text('{"text": "ok"}\n{"text": null}\n')
     (root / "latin1_prompt.txt").write_bytes("Zürich".encode("latin-1"))
     (root / "d2" / "mine").mkdir(parents=True)
+    ranks = [(bytes([b]), b) for b in range(256)] + [(b"ab", 256), (b"cd", 256)]  # one rank for two tokens
+    (root / "tampered.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks))
     (root / "d2" / "mine" / "notes.txt").write_text("a corpus kept where its dataset would go\n" * 50)
     good = (run / "checkpoints" / "last.pt").read_bytes()
     (root / "truncated.pt").write_bytes(good[: len(good) // 2])
@@ -197,6 +200,9 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "HF_DATASETS_OFFLINE=1 forbids downloads"),
         ("data: a hub corpus offline", [*DATA, "data=tinystories", f"data_dir={root / 'd2'}"],
          "data.hub_name='roneneldan/TinyStories' could not be loaded"),
+        ("data: a tampered .tiktoken file", [*DATA, "data=text", f"data.path={w['corpus']}", "data.tokenizer=tiktoken",
+                                             f"data.encoding={root / 'tampered.tiktoken'}", f"data_dir={root / 'd2'}"],
+         "rank(s) are given to two tokens"),
         ("generate: num_samples beyond memory", [*gen, "num_samples=1000000000"], "num_samples=1000000000 needs"),
     ]
 

@@ -211,3 +211,26 @@ def test_bad_specs_and_kinds():
     with pytest.raises(TokenizerError) as err:
         build_tokenizer("wordpiece")
     assert "'wordpiece'" in str(err.value) and "char, bytes, tiktoken" in str(err.value)
+
+
+def tampered(tmp_path, lines: list[tuple[bytes, int]]):
+    path = tmp_path / "tampered.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in lines))
+    return path
+
+
+BYTE_LINES = [(bytes([b]), b) for b in range(256)]
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    (BYTE_LINES + [(b"ab", -3)], r"rank -3 is outside \[0, 16777216\)"),
+    (BYTE_LINES + [(b"ab", 10**15)], r"rank 1000000000000000 is outside"),
+    (BYTE_LINES + [(b"ab", 256), (b"ab", 257)], r"1 token\(s\) appear more than once"),
+    (BYTE_LINES + [(b"ab", 256), (b"cd", 256)], r"1 rank\(s\) are given to two tokens"),
+    (BYTE_LINES[:65] + BYTE_LINES[66:] + [(b"ab", 256)], r"1 of the 256 single bytes have no token \(first: 0x41\)"),
+])
+def test_a_tampered_tiktoken_file_is_one_clear_error(tmp_path, lines, message):
+    """tiktoken trusts its vocabulary: duplicate ranks and missing bytes ended in a Rust panic, huge ranks in an
+    allocation without bound. Each is refused when the file is read."""
+    with pytest.raises(TokenizerError, match=message):
+        TiktokenTokenizer(str(tampered(tmp_path, lines)))
