@@ -26,7 +26,7 @@ import torch
 from gptmini.attention import weight_compatible_variants
 from gptmini.config import AttentionConfig, ModelConfig, OptimConfig
 from gptmini.model import GPT
-from gptmini.paths import CHECKPOINTS_DIR
+from gptmini.paths import CHECKPOINTS_DIR, check_name_lengths
 from gptmini.pretrained import is_pretrained_ref, load_pretrained_for_inference
 from gptmini.tokenizer import Tokenizer, tokenizer_from_spec
 
@@ -111,6 +111,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def find_checkpoint(path: str | Path) -> Path:
     """A run directory means its best checkpoint, else its last; a file means itself."""
+    check_name_lengths(path, "ckpt")
     path = Path(path)
     if path.is_dir():
         for candidate in (checkpoint_dir(path) / BEST, checkpoint_dir(path) / LAST):

@@ -33,10 +33,23 @@ def nearest_existing(path: Path) -> Path:
     return next(p for p in (path, *path.absolute().parents) if p.exists())
 
 
+NAME_MAX = 255  # bytes in one file or folder name, on every common file system
+
+
+def check_name_lengths(value: str | Path, key: str) -> None:
+    """Refuse a path with a file or folder name longer than the file system allows, in one line naming `key`:
+    asked of it, the OS answers every question (exists? a folder?) with an error instead of an answer."""
+    long = next((part for part in Path(value).parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is not None:
+        raise ValueError(f"{key}={str(value)!r} has a name of {len(os.fsencode(long))} bytes ({long[:20]}...); "
+                         f"file systems allow {NAME_MAX}: choose a shorter {key}=")
+
+
 def check_writable(value: str, key: str, *, folder: bool, choose: str | None = None) -> None:
     """Refuse, in one line naming `key`, a path that cannot become a folder (`folder`) or a file: the wrong kind
     of thing already there, a path below a file, or a place this process cannot write. `choose` names the setting
     to change (default: key)."""
+    check_name_lengths(value, key)
     choose = choose or key
     path = Path(value)
     if folder and path.exists() and not path.is_dir():

@@ -203,6 +203,13 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("data: a tampered .tiktoken file", [*DATA, "data=text", f"data.path={w['corpus']}", "data.tokenizer=tiktoken",
                                              f"data.encoding={root / 'tampered.tiktoken'}", f"data_dir={root / 'd2'}"],
          "rank(s) are given to two tokens"),
+        ("train: a run directory name over 255 bytes", elsewhere(f"hydra.run.dir={root / ('r' * 300)}"),
+         "has a name of 300 bytes"),
+        ("generate: an out= name over 255 bytes", [*gen, f"out={root / ('o' * 256)}"], "has a name of 256 bytes"),
+        ("generate: a ckpt= name over 255 bytes", [*GENERATE, f"ckpt={root / ('c' * 260)}"],
+         "has a name of 260 bytes"),
+        ("data: a data_dir name over 255 bytes", [*DATA, "data=text", f"data.path={w['corpus']}",
+                                                  f"data_dir={root / ('d' * 270)}"], "has a name of 270 bytes"),
         ("generate: num_samples beyond memory", [*gen, "num_samples=1000000000"], "num_samples=1000000000 needs"),
     ]
 

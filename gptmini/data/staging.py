@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gptmini.data.format import SPLIT_NAMES, DataError, bin_path, foreign_entries
-from gptmini.paths import make_staging_dir, remove_stale_staging, staging_prefix
+from gptmini.paths import check_name_lengths, make_staging_dir, remove_stale_staging, staging_prefix
 
 # A full disk or quota: when converting the corpus into the data folder hits one, data_dir is to blame.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -52,6 +52,10 @@ def writes_to(data_dir: Path, errnos: tuple[int, ...] | None = None) -> Iterator
 
 
 def check_data_dir(data_dir: Path) -> None:
+    try:
+        check_name_lengths(data_dir, "data_dir")
+    except ValueError as err:
+        raise DataError(str(err)) from None
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"data_dir={str(data_dir)!r} is a file, not a folder; choose a folder for data_dir=")
 
