@@ -111,7 +111,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def find_checkpoint(path: str | Path) -> Path:
     """A run directory means its best checkpoint, else its last; a file means itself."""
-    check_name_lengths(path, "ckpt")
     path = Path(path)
     if path.is_dir():
         for candidate in (checkpoint_dir(path) / BEST, checkpoint_dir(path) / LAST):
@@ -256,6 +255,7 @@ def load_for_inference(
     refused with a one-line error, as is a checkpoint whose tensors do not fit its own config. A GPT-2 name or a
     Hugging Face folder (`ckpt=gpt2`) loads the pretrained weights instead (gptmini.pretrained).
     """
+    check_name_lengths(ckpt, "ckpt")
     if is_pretrained_ref(str(ckpt)):
         gpt2_attention = AttentionConfig("mha")  # GPT-2's own: the textbook multi-head attention
         wanted = gpt2_attention if attention is None else swap_attention(gpt2_attention, attention)

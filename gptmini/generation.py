@@ -18,7 +18,7 @@ from gptmini.checkpoint import load_for_inference
 from gptmini.config import GenerateConfig
 from gptmini.device import autocast, available_memory, resolve_device, resolve_dtype
 from gptmini.model import GPT
-from gptmini.paths import check_output_file, write_atomic
+from gptmini.paths import check_output_file, check_writable, write_atomic
 from gptmini.sampling import generate_stream
 from gptmini.tokenizer import Tokenizer
 
@@ -115,6 +115,8 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     for key in ("out", "attention_map"):  # before sampling: a long sample is not lost at the end
         if getattr(cfg, key):
             check_output_file(getattr(cfg, key), key, reads=(cfg.ckpt, cfg.prompt_file))
+    if cfg.attention_tb:
+        check_writable(cfg.attention_tb, "attention_tb", folder=True)
     prompt = read_prompt(cfg)
     model, tokenizer, _, _ = load_for_inference(cfg.ckpt, device, cfg.model.attention)
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]

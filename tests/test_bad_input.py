@@ -210,6 +210,10 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "has a name of 260 bytes"),
         ("data: a data_dir name over 255 bytes", [*DATA, "data=text", f"data.path={w['corpus']}",
                                                   f"data_dir={root / ('d' * 270)}"], "has a name of 270 bytes"),
+        ("generate: attention_tb is a file", [*gen, f"attention_tb={root / 'notes.txt'}"],
+         "attention_tb="),
+        ("generate: attention_tb below a file", [*gen, f"attention_tb={root / 'notes.txt' / 'tb'}"],
+         "which is a file"),
         ("generate: num_samples beyond memory", [*gen, "num_samples=1000000000"], "num_samples=1000000000 needs"),
     ]
 
