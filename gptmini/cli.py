@@ -74,18 +74,63 @@ def run_command(config_name: str, fn: Callable[..., Any], with_run_dir: bool = F
 
     register_configs()
     new_dirs = check_overrides(config_name, sys.argv[1:])
+    sweep = Sweep()
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)
     def main(cfg: DictConfig) -> None:
         if not with_run_dir:
             run_reporting_errors(lambda: fn(to_dataclass(cfg)))
             return
+        hydra_cfg = HydraConfig.get()
+
+        def job() -> None:
+            fn(to_dataclass(cfg), hydra_cfg.runtime.output_dir)
+
+        if hydra_cfg.mode.name == "MULTIRUN":
+            run_reporting_errors(lambda: sweep.run(job, hydra_cfg))
+            return
         try:
-            run_reporting_errors(lambda: fn(to_dataclass(cfg), HydraConfig.get().runtime.output_dir))
+            run_reporting_errors(job)
         finally:
             remove_if_empty(new_dirs)  # a run refused before its first file leaves no empty folders behind
 
     main()
+    sweep.report()
+
+
+class Sweep:
+    """A sweep (`-m`) runs every job: one refused for its input (too little data for its block_size, ...) is
+    named on a line of its own and leaves no folder, the others still run, and the sweep ends with one `error:`
+    line listing the refused jobs (exit 2). Values that no job could take are refused before any job runs
+    (`check_overrides`)."""
+
+    def __init__(self) -> None:
+        self.refused: list[str] = []
+        self.jobs = 0
+        self.dir: Path | None = None
+
+    def run(self, job: Callable[[], Any], hydra_cfg: Any) -> None:
+        self.jobs += 1
+        self.dir = Path(hydra_cfg.sweep.dir)
+        try:
+            job()
+        except USER_ERRORS as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            name = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
+            message = " ".join(str(err).split()) or type(err).__name__
+            print(f"{name} refused: {message}", file=sys.stderr)
+            self.refused.append(f"{name}: {message}")
+            remove_if_empty([Path(hydra_cfg.runtime.output_dir)])
+
+    def report(self) -> None:
+        if not self.refused:
+            return
+        if self.dir is not None:
+            remove_if_empty([self.dir])  # every job refused: no empty sweep folder either
+        print(f"error: {len(self.refused)} of {self.jobs} sweep jobs refused, the others ran; "
+              + "; ".join(self.refused), file=sys.stderr)
+        sys.exit(2)
 
 
 def remove_if_empty(folders: list[Path]) -> None:
