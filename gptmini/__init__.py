@@ -17,6 +17,10 @@ import os
 # CUDA builds ignore it. gptmini.kernels reports which kernel really runs.
 os.environ.setdefault("TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL", "1")
 
+from gptmini.startup import defer_interrupts  # noqa: E402  (imports nothing heavy)
+
+defer_interrupts()  # a command's Ctrl-C while torch loads is reported by gptmini.cli, in one line
+
 from gptmini.attention import (  # noqa: E402  (after the environment above, on purpose)
     ATTENTION_REGISTRY,
     Attention,
@@ -25,8 +29,8 @@ from gptmini.attention import (  # noqa: E402  (after the environment above, on 
     register_attention,
     weight_compatible_variants,
 )
-from gptmini.config import AttentionConfig, ModelConfig
-from gptmini.model import GPT, GPTOutput
+from gptmini.config import AttentionConfig, ModelConfig  # noqa: E402
+from gptmini.model import GPT, GPTOutput  # noqa: E402
 
 __all__ = [
     "ATTENTION_REGISTRY",

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gptmini.paths import check_writable
+from gptmini.startup import resume_interrupts
 
 T = TypeVar("T")
 
@@ -36,6 +37,7 @@ def run_reporting_errors(fn: Callable[[], T]) -> T:
     """
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        resume_interrupts()
         return fn()
     except USER_ERRORS as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -65,8 +67,12 @@ def run_command(config_name: str, fn: Callable[..., Any], with_run_dir: bool = F
     `configs/<config_name>.yaml`; `with_run_dir` also passes Hydra's run directory (`fn(config, run_dir)`).
 
     A bad override ends in one `error:` line before Hydra starts (`check_overrides`); errors raised by `fn`
-    end the same way (`run_reporting_errors`).
+    end the same way (`run_reporting_errors`), and so does Ctrl-C while Hydra starts.
     """
+    run_reporting_errors(lambda: _run_command(config_name, fn, with_run_dir))
+
+
+def _run_command(config_name: str, fn: Callable[..., Any], with_run_dir: bool) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
