@@ -16,6 +16,12 @@ MLP_KINDS = ("gelu", "gelu_tanh", "relu2")
 # `model.init_from` names: the four OpenAI GPT-2 sizes on the Hugging Face hub (gptmini.pretrained loads them).
 PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 NS_DTYPES = ("auto", "float32", "bfloat16")
+OPTIMIZERS = ("adamw", "muon")  # gptmini.optim builds them
+SCHEDULES = ("cosine", "wsd")  # gptmini.optim computes them
+DEVICES = ("auto", "cpu", "cuda", "mps")  # ROCm builds use cuda; gptmini.device resolves auto
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # gptmini.device maps them to torch dtypes
+STRATEGIES = ("auto", "ddp", "fsdp")  # gptmini.distributed resolves auto
+SWA_DEFAULT_WINDOW = 64
 MAX_SEED = 2**31 - 1  # numpy seeds must stay below 2**32, and the trainer adds the rank
 
 
@@ -53,6 +59,7 @@ def check_number(key: str, value: object, low: float, high: float | None = None,
 
 
 def check_choice(key: str, value: object, valid: tuple[str, ...]) -> None:
+    """`key=value` must be one of `valid`; the library functions that resolve a choice call this too."""
     if value not in valid:
         raise ValueError(f"{key}={value!r} is unknown; valid: {', '.join(valid)}")
 
@@ -70,17 +77,12 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, complete: bool = False) -> None:
-        """Refuse an unknown variant and a setting the variant would ignore (n_kv_head: only gqa reads it, window:
-        only swa); with `complete` (as part of a ModelConfig) also a missing one (swa needs a window)."""
-        from gptmini.attention import check_attention_config  # imported here: gptmini.attention imports us
-
+    def validate(self) -> None:
+        """Refuse a window that is not a positive integer. Which variants exist and which settings each reads is
+        the attention registry's to say: gptmini.config_checks asks it (gptmini.attention.check_attention_config)
+        where a config enters."""
         if self.window is not None:
             check_int("model.attention.window", self.window, 1)
-        check_attention_config(self, complete)
-
-
-SWA_DEFAULT_WINDOW = 64
 
 
 def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionConfig:
@@ -141,6 +143,11 @@ class ModelConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
+        """Normalise first (a plain dict from a checkpoint becomes an AttentionConfig; the variant's defaults are
+        filled in and so recorded), then validate: validate itself changes nothing."""
+        if isinstance(self.attention, dict):
+            self.attention = AttentionConfig(**self.attention)
+        self.attention = with_variant_defaults(self.attention, self.n_head)
         self.validate()
 
     @property
@@ -156,11 +163,9 @@ class ModelConfig:
         return self.attention.n_kv_head or self.n_head
 
     def validate(self) -> None:
-        """Raise a one-line ValueError naming the first bad value."""
-        if isinstance(self.attention, dict):  # built from a plain dict, e.g. a checkpoint's config
-            self.attention = AttentionConfig(**self.attention)
-        self.attention = with_variant_defaults(self.attention, self.n_head)
-        self.attention.validate(complete=True)
+        """Raise a one-line ValueError naming the first bad value. What needs a registry (the attention variant and
+        the settings it reads, what model.init_from's weights can serve) is checked by gptmini.config_checks."""
+        self.attention.validate()
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple"):
             check_int(f"model.{name}", getattr(self, name), 1)
         if self.n_embd % self.n_head != 0:
@@ -188,10 +193,7 @@ class ModelConfig:
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise ValueError(f"model.logit_softcap={self.logit_softcap} must be a positive number or null (off)")
         if self.init_from is not None:
-            from gptmini.pretrained import check_pretrained_compatible  # imported here: gptmini.pretrained imports us
-
             check_init_from(self.init_from)
-            check_pretrained_compatible(self)
 
 
 @dataclass
@@ -235,10 +237,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first bad value and its valid range."""
-        from gptmini.device import DEVICES, DTYPES  # imported here: they bring torch
-        from gptmini.distributed import STRATEGIES
-        from gptmini.optim import SCHEDULES
-
         for name in ("batch_size", "grad_accum", "eval_iters", "log_interval", "ckpt_interval", "max_bad_steps",
                      "probe_tokens"):
             check_int(f"train.{name}", getattr(self, name), 1)
@@ -257,7 +255,7 @@ class TrainConfig:
         check_number("train.dist_timeout_s", self.dist_timeout_s, 0, low_open=True)
         check_choice("train.lr_schedule", self.lr_schedule, SCHEDULES)
         check_choice("train.device", self.device, DEVICES)
-        check_choice("train.dtype", self.dtype, ("auto", *DTYPES))
+        check_choice("train.dtype", self.dtype, ("auto", *DTYPE_NAMES))
         check_choice("train.strategy", self.strategy, STRATEGIES)
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ValueError(f"train.resume={self.resume!r} must be auto, never, or the path of a checkpoint")
@@ -291,8 +289,6 @@ class OptimConfig:
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first bad value and its valid range."""
-        from gptmini.optim import OPTIMIZERS  # imported here: gptmini.optim imports us
-
         check_choice("optim.name", self.name, OPTIMIZERS)
         for name in ("beta1", "beta2", "muon_momentum"):
             check_number(f"optim.{name}", getattr(self, name), 0, 1, high_open=True)
@@ -444,7 +440,7 @@ class ExportConfig:
     dtype: str = "float32"  # of the tensors in model.safetensors: float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
-        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("dtype", self.dtype, DTYPE_NAMES)
 
 
 def register_configs() -> None:
