@@ -42,6 +42,19 @@ def key_map(n_layer: int) -> list[tuple[str, str, bool]]:
     return [*MODEL_KEYS[:2], *layers, *MODEL_KEYS[2:]]
 
 
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every gptmini tensor of a GPT-2 with these sizes (checked before anything is built)."""
+    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.block_size
+    per_layer = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+                 "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,), "attn.out_proj.weight": (C, C),
+                 "attn.out_proj.bias": (C,), "mlp.fc.weight": (4 * C, C), "mlp.fc.bias": (4 * C,),
+                 "mlp.proj.weight": (C, 4 * C), "mlp.proj.bias": (C,)}
+    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for i in range(cfg.n_layer):
+        shapes.update({f"blocks.{i}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
+
+
 def gpt2_refusal(cfg: ModelConfig) -> tuple[str, str] | None:
     """The first setting of `cfg` GPT-2's architecture cannot express, as (`key=value`, why: a phrase whose
     subject is GPT-2), or None. Callers word the sentence for their direction; the list is this one.

@@ -33,6 +33,7 @@ from gptmini.gpt2_format import (
     ACTIVATIONS,
     GPT2_POSITIONS,
     GPT2_VOCAB,
+    expected_shapes,
     gpt2_refusal,
     gpt2_vocab,
     is_gpt2_tokenizer,
@@ -60,19 +61,6 @@ def brief(err: BaseException, limit: int = 160) -> str:
     if len(text) > limit:
         text = text[:limit].rsplit(" ", 1)[0] + " ..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every gptmini tensor of a GPT-2 with these sizes (checked before anything is built)."""
-    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.block_size
-    per_layer = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-                 "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,), "attn.out_proj.weight": (C, C),
-                 "attn.out_proj.bias": (C,), "mlp.fc.weight": (4 * C, C), "mlp.fc.bias": (4 * C,),
-                 "mlp.proj.weight": (C, 4 * C), "mlp.proj.bias": (C,)}
-    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    for i in range(cfg.n_layer):
-        shapes.update({f"blocks.{i}.{name}": shape for name, shape in per_layer.items()})
-    return shapes
 
 
 # ----------------------------------------------------------------------------------------------------------
