@@ -11,7 +11,6 @@ plain dict, never a pickled object. Keys: `format`, `version`, `model`, `optimiz
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import pickle
 import random
@@ -25,6 +24,7 @@ import torch
 
 from gptmini.attention import weight_compatible_variants
 from gptmini.config import AttentionConfig, ModelConfig, OptimConfig
+from gptmini.finite import check_finite_weights
 from gptmini.model import GPT
 from gptmini.paths import CHECKPOINTS_DIR, check_name_lengths
 from gptmini.pretrained import is_pretrained_ref, load_pretrained_for_inference
@@ -180,33 +180,6 @@ def _cannot_resume(diffs: list[str]) -> CheckpointError:
         "cannot resume: the checkpoint's configuration differs (" + "; ".join(diffs) + "); use the same "
         "settings, train.resume=never, or a new hydra.run.dir"
     )
-
-
-def all_finite(*trees: Any) -> bool:
-    """True when every floating-point tensor (and float) in the nested dicts/lists is finite."""
-    stack = list(trees)
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif isinstance(item, torch.Tensor) and item.is_floating_point():
-            if not bool(torch.isfinite(item).all()):
-                return False
-        elif isinstance(item, float) and not math.isfinite(item):
-            return False
-    return True
-
-
-def check_finite_weights(weights: dict[str, Any], where: str) -> None:
-    """Refuse weights holding NaN or inf where they enter (a checkpoint, a Hugging Face folder), in one line
-    naming `where` (the file, or the key=value the user typed) and the first such tensor. Training never saves
-    such weights; a file from elsewhere could hold them, and a model built from them only prints nan."""
-    bad = next((name for name, tensor in weights.items() if not all_finite(tensor)), None)
-    if bad is not None:
-        raise CheckpointError(f"{where}: its weights hold NaN or inf (first in {bad}), so they cannot be used "
-                              f"(a damaged file, or one saved from a diverged model)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gptmini.config_checks import check_config
 from gptmini.paths import check_writable
 from gptmini.startup import resume_interrupts
 
@@ -25,8 +26,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, O
 
 
 def to_dataclass(cfg: DictConfig) -> Any:
-    """The composed config as its schema's dataclass instance (validators in __post_init__ run here)."""
-    return OmegaConf.to_object(cfg)
+    """The composed config as its schema's dataclass instance, checked: the validators in __post_init__ run here,
+    then the checks that need a registry (gptmini.config_checks)."""
+    obj = OmegaConf.to_object(cfg)
+    check_config(obj)
+    return obj
 
 
 def run_reporting_errors(fn: Callable[[], T]) -> T:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from gptmini.config import DEVICES, DTYPE_NAMES, check_choice
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names live with the settings (gptmini.config)
 
 # Dense peak TFLOP/s (half precision with tensor/matrix cores, fp32) by GPU name, from the vendors' data sheets.
 # Matched by substring against the device name, first match wins, so more specific names come first.
@@ -59,8 +60,7 @@ class DeviceInfo:
 
 def resolve_device(requested: str = "auto", key: str = "train.device") -> torch.device:
     """auto picks cuda (NVIDIA or AMD ROCm), then mps, then cpu. `key` is the setting's name in messages."""
-    if requested not in DEVICES:
-        raise ValueError(f"{key}={requested!r} is unknown; valid: {', '.join(DEVICES)}")
+    check_choice(key, requested, DEVICES)  # TrainConfig's check; generate and evaluate arrive here unchecked
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -158,8 +158,7 @@ def resolve_dtype(requested: str, device: torch.device, key: str = "train.dtype"
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if requested not in DTYPES:
-        raise ValueError(f"{key}={requested!r} is unknown; valid: auto, {', '.join(DTYPES)}")
+    check_choice(key, requested, ("auto", *DTYPE_NAMES))
     return DTYPES[requested]
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-STRATEGIES = ("auto", "ddp", "fsdp")
+from gptmini.config import STRATEGIES, check_choice
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,7 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 def resolve_strategy(strategy: str, env: DistEnv) -> str:
     """`auto`: DDP when there is more than one process, else none."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"train.strategy={strategy!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    check_choice("train.strategy", strategy, STRATEGIES)  # TrainConfig's check, for direct callers
     if not env.enabled:
         return "none"
     return "ddp" if strategy == "auto" else strategy

@@ -14,7 +14,6 @@ Face folder without its tokenizer would be unusable.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -27,12 +26,20 @@ import torch
 from torch import Tensor
 
 from gptmini.config import ExportConfig, ModelConfig
+from gptmini.gpt2_format import (
+    ENDOFTEXT,
+    GPT2_VOCAB,
+    HF_ACTIVATIONS,
+    byte_encoder,
+    gpt2_ranks,
+    gpt2_refusal,
+    gpt2_vocab,
+    is_gpt2_tokenizer,
+    key_map,
+)
 from gptmini.model import GPT
 from gptmini.paths import make_staging_dir, remove_stale_staging
-from gptmini.pretrained import GPT2_VOCAB, is_gpt2_tokenizer, key_map
 
-ENDOFTEXT = "<|endoftext|>"
-HF_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,20 +50,9 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 def check_exportable(cfg: ModelConfig, tokenizer_spec: Mapping[str, Any] | None) -> None:
     """Refuse, in one line naming the key, a model Hugging Face's GPT-2 cannot express. `tokenizer_spec` None
     exports the weights alone (no tokenizer files); any spec but tiktoken gpt2 is refused."""
-    from gptmini.attention import weight_compatible_variants
-
-    compatible = weight_compatible_variants()
-    refusals = [
-        (cfg.pos_encoding != "learned", f"model.pos_encoding={cfg.pos_encoding}", "it has learned positions only"),
-        (cfg.qk_norm, "model.qk_norm=true", "it has no QK-norm"),
-        (cfg.mlp not in HF_ACTIVATIONS, f"model.mlp={cfg.mlp}", "its MLP is GELU (exact or tanh)"),
-        (cfg.logit_softcap is not None, f"model.logit_softcap={cfg.logit_softcap}", "it does not cap logits"),
-        (cfg.attention.name not in compatible, f"model.attention.name={cfg.attention.name}",
-         f"it has full multi-head attention, as the variants {', '.join(compatible)} compute"),
-    ]
-    for refused, setting, why in refusals:
-        if refused:
-            raise ValueError(f"cannot export a model with {setting} as a Hugging Face GPT-2: {why}")
+    refusal = gpt2_refusal(cfg)  # the one list of what GPT-2 can express, shared with model.init_from
+    if refusal is not None:
+        raise ValueError(f"cannot export a model with {refusal[0]} as a Hugging Face GPT-2: it {refusal[1]}")
     if tokenizer_spec is None:
         return
     if not is_gpt2_tokenizer(tokenizer_spec):
@@ -114,33 +110,6 @@ def hf_tensors(state_dict: Mapping[str, Tensor], cfg: ModelConfig, dtype: torch.
         tensor = tensor.detach().to("cpu", dtype)
         tensors[f"transformer.{hf_name}"] = (tensor.t() if transposed else tensor).contiguous()
     return tensors
-
-
-def byte_encoder() -> dict[int, str]:
-    """GPT-2's byte -> printable character map: printable Latin-1 bytes stand for themselves, the other 68
-    (controls, space, ...) get the characters from U+0100 on, so every token is a visible string (Ġ = space)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
-@functools.lru_cache(maxsize=1)
-def gpt2_ranks() -> dict[bytes, int]:
-    """tiktoken gpt2's mergeable tokens (bytes -> id), through the public API; end-of-text is the id after them."""
-    from gptmini.tokenizer import TiktokenTokenizer
-
-    enc = TiktokenTokenizer("gpt2").enc
-    if enc.n_vocab != GPT2_VOCAB or enc.eot_token != GPT2_VOCAB - 1:
-        raise ValueError(f"tiktoken's gpt2 encoding has {enc.n_vocab} ids, end-of-text {enc.eot_token}; not GPT-2's")
-    return {enc.decode_single_token_bytes(i): i for i in range(enc.eot_token)}
-
-
-@functools.lru_cache(maxsize=1)
-def gpt2_vocab() -> dict[str, int]:
-    """vocab.json (OpenAI's encoder.json): each token as byte-encoder characters -> id, then <|endoftext|>."""
-    encode = byte_encoder()
-    vocab = {"".join(encode[b] for b in token): rank for token, rank in gpt2_ranks().items()}
-    return vocab | {ENDOFTEXT: GPT2_VOCAB - 1}
 
 
 def _merge_of(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> tuple[bytes, bytes]:

@@ -20,11 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gptmini.config import NS_DTYPES, RunConfig, TrainConfig
+from gptmini.config import NS_DTYPES, OPTIMIZERS, SCHEDULES, RunConfig, TrainConfig, check_choice
 from gptmini.device import native_bf16
-
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "wsd")
 
 # Coefficients (a, b, c) of the quintic Newton-Schulz step x <- a·x + b·(x xᵀ)x + c·(x xᵀ)²x, chosen (by Keller
 # Jordan, for Muon) to push every singular value in (0, 1] quickly into a band around 1, rather than to converge
@@ -37,14 +34,11 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def lr_scale(step: int, t: TrainConfig) -> float:
-    """The schedule's multiplier of the peak learning rate at `step` (0-based)."""
-    if t.lr_schedule not in SCHEDULES:
-        raise ValueError(f"train.lr_schedule={t.lr_schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
+    """The schedule's multiplier of the peak learning rate at `step` (0-based); TrainConfig checked the settings."""
+    assert t.lr_schedule in SCHEDULES, t.lr_schedule
     if step < t.warmup_iters:
         return (step + 1) / t.warmup_iters
     if t.lr_schedule == "wsd":
-        if not 0.0 <= t.decay_frac <= 1.0:
-            raise ValueError(f"train.decay_frac={t.decay_frac} must be in [0, 1]")
         decay_start = max(t.warmup_iters, t.max_iters - round(t.decay_frac * t.max_iters))
         if step < decay_start:
             return 1.0
@@ -78,8 +72,7 @@ def ns_dtype_choice(name: str, device: torch.device) -> tuple[torch.dtype, str]:
     `auto` is bfloat16 where the hardware computes bf16 matmuls natively (bf16 GPUs; CPUs with AVX512-BF16,
     AMX-BF16 or Arm BF16), else float32: on other CPUs bf16 is emulated and several times slower than float32.
     """
-    if name not in NS_DTYPES:
-        raise ValueError(f"optim.muon_ns_dtype={name!r} is unknown; valid: {', '.join(NS_DTYPES)}")
+    check_choice("optim.muon_ns_dtype", name, NS_DTYPES)  # OptimConfig's own check, for direct callers
     native, hardware = native_bf16(device)
     if name == "auto":
         return (torch.bfloat16 if native else torch.float32), f"auto: {hardware}"
@@ -299,17 +292,13 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device)
     AdamW decays weight matrices only; biases and norm gains never decay.
     """
     o = cfg.optim
-    if o.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name={o.name!r} is unknown; valid: {', '.join(OPTIMIZERS)}")
-    lr_scale(0, cfg.train)  # a bad schedule name fails here, before any work
-    ns_dtype(o.muon_ns_dtype, device)  # and so does a bad Newton-Schulz dtype
+    assert o.name in OPTIMIZERS, o.name  # OptimConfig refused any other name
     use_muon = o.name == "muon"
     decay, no_decay, hidden, fused_qkv = [], [], [], []
     for name, p in model.named_parameters():
         if use_muon and is_hidden_matrix(name, p):
-            if type(p).__name__ == "DTensor":
-                raise ValueError("optim.name=muon cannot orthogonalise sharded (FSDP) matrices; use "
-                                 "train.strategy=ddp or optim.name=adamw")
+            # RunConfig refuses optim.name=muon with train.strategy=fsdp: Muon needs whole matrices.
+            assert type(p).__name__ != "DTensor", "Muon cannot orthogonalise a sharded (FSDP) matrix"
             # The canonical fused projection stacks Q, K and V: orthogonalise them as the three maps they are.
             (fused_qkv if name.endswith(("attn.qkv.weight", "attn.mha.in_proj_weight")) else hidden).append(p)
             continue

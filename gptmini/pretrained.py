@@ -8,8 +8,8 @@ the orientation of the linear maps differ. Hugging Face's `Conv1D` stores its we
 
 Where each entry point calls in:
     training    `model.init_from=gpt2`: `check_pretrained_tokenizer(...)` once the data's tokenizer is known, then
-                `load_pretrained(cfg.model)` -> (config to build GPT with, state dict); ModelConfig.validate already
-                refused what the weights cannot serve (`check_pretrained_compatible`).
+                `load_pretrained(cfg.model)` -> (config to build GPT with, state dict); gptmini.config_checks already
+                refused what the weights cannot serve (`check_pretrained_compatible`) where the config entered.
     generation and evaluation, `ckpt=gpt2`: `is_pretrained_ref(ckpt)`, then `load_pretrained_for_inference(ckpt)`.
 
 Only tensors are ever read: safetensors files, or `pytorch_model.bin` through `torch.load(weights_only=True)`.
@@ -29,30 +29,27 @@ import torch
 from torch import Tensor
 
 from gptmini.config import PRETRAINED_NAMES, AttentionConfig, ModelConfig
+from gptmini.finite import check_finite_weights
+from gptmini.gpt2_format import (
+    ACTIVATIONS,
+    GPT2_POSITIONS,
+    GPT2_VOCAB,
+    expected_shapes,
+    gpt2_refusal,
+    gpt2_vocab,
+    is_gpt2_tokenizer,
+    key_map,
+)
 from gptmini.model import GPT
 from gptmini.tokenizer import TiktokenTokenizer
 
 HUB_REPOS = {name: f"openai-community/{name}" for name in PRETRAINED_NAMES}
-GPT2_POSITIONS = 1024  # n_positions of all four OpenAI sizes
-GPT2_VOCAB = 50257
-GPT2_TOKENIZERS = ("gpt2", "r50k_base")  # tiktoken names of the one GPT-2 vocabulary (identical definitions)
 # What a snapshot needs (the hub repos also hold TF, Flax, ONNX and Rust copies, gigabytes we never read).
 HUB_PATTERNS = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                 "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]
 WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
                 ("pytorch_model.bin", "pytorch_model.bin.index.json"))
-ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers old transformers versions saved
-
-# (Hugging Face name, gptmini name, transposed?) per layer, then for the whole model.
-LAYER_KEYS = (("ln_1.weight", "ln_1.weight", False), ("ln_1.bias", "ln_1.bias", False),
-              ("attn.c_attn.weight", "attn.qkv.weight", True), ("attn.c_attn.bias", "attn.qkv.bias", False),
-              ("attn.c_proj.weight", "attn.out_proj.weight", True), ("attn.c_proj.bias", "attn.out_proj.bias", False),
-              ("ln_2.weight", "ln_2.weight", False), ("ln_2.bias", "ln_2.bias", False),
-              ("mlp.c_fc.weight", "mlp.fc.weight", True), ("mlp.c_fc.bias", "mlp.fc.bias", False),
-              ("mlp.c_proj.weight", "mlp.proj.weight", True), ("mlp.c_proj.bias", "mlp.proj.bias", False))
-MODEL_KEYS = (("wte.weight", "wte.weight", False), ("wpe.weight", "wpe.weight", False),
-              ("ln_f.weight", "ln_f.weight", False), ("ln_f.bias", "ln_f.bias", False))
 
 
 class PretrainedError(ValueError):
@@ -65,25 +62,6 @@ def brief(err: BaseException, limit: int = 160) -> str:
     if len(text) > limit:
         text = text[:limit].rsplit(" ", 1)[0] + " ..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def key_map(n_layer: int) -> list[tuple[str, str, bool]]:
-    """Every (Hugging Face name without `transformer.`, gptmini name, transposed?) of an n_layer GPT-2."""
-    layers = [(f"h.{i}.{hf}", f"blocks.{i}.{ours}", t) for i in range(n_layer) for hf, ours, t in LAYER_KEYS]
-    return [*MODEL_KEYS[:2], *layers, *MODEL_KEYS[2:]]
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every gptmini tensor of a GPT-2 with these sizes (checked before anything is built)."""
-    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.block_size
-    per_layer = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-                 "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,), "attn.out_proj.weight": (C, C),
-                 "attn.out_proj.bias": (C,), "mlp.fc.weight": (4 * C, C), "mlp.fc.bias": (4 * C,),
-                 "mlp.proj.weight": (C, 4 * C), "mlp.proj.bias": (C,)}
-    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    for i in range(cfg.n_layer):
-        shapes.update({f"blocks.{i}.{name}": shape for name, shape in per_layer.items()})
-    return shapes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,9 +247,10 @@ def load_hf_gpt2(ref: str, attention: AttentionConfig | None = None, *, key: str
 
 
 def _load_folder(folder: Path, where: str, attention: AttentionConfig | None) -> tuple[ModelConfig, dict[str, Tensor]]:
-    from gptmini.checkpoint import check_finite_weights  # here: gptmini.checkpoint imports this module
-
     cfg = hf_model_config(read_hf_config(folder, where), where, attention)
+    refusal = gpt2_refusal(cfg)  # only the attention variant can be wrong here: config.json holds the rest
+    if refusal is not None:
+        raise PretrainedError(f"{where} cannot run with {refusal[0]}: GPT-2 {refusal[1]}")
     tensors = read_hf_weights(folder, where)
     check_finite_weights(tensors, where)
     return cfg, hf_to_canonical(tensors, cfg, where)
@@ -282,38 +261,26 @@ def _load_folder(folder: Path, where: str, attention: AttentionConfig | None) ->
 
 
 def check_pretrained_compatible(requested: ModelConfig, positions: int | None = None) -> None:
-    """Refuse, in one line naming the key, a model config `requested.init_from`'s weights cannot serve. Reads no
-    file, so ModelConfig.validate runs it; `positions` (default: 1024 for the GPT-2 names) bounds block_size."""
+    """Refuse, in one line naming the key, a model config `requested.init_from`'s weights cannot serve: what GPT-2
+    cannot express (gptmini.gpt2_format), and what loading would lose. Reads no file, so it runs where the config
+    enters (gptmini.config_checks); `positions` (default: 1024 for the GPT-2 names) bounds block_size."""
     ref = requested.init_from
     if ref is None:
         return
-    from gptmini.attention import weight_compatible_variants
-
     if positions is None and ref in PRETRAINED_NAMES:
         positions = GPT2_POSITIONS
-    compatible = weight_compatible_variants()
+    refusal = gpt2_refusal(requested)
+    if refusal is not None:
+        raise ValueError(f"model.init_from={ref} cannot be combined with {refusal[0]}: GPT-2 {refusal[1]}")
     refusals = [
-        (requested.pos_encoding != "learned", f"model.pos_encoding={requested.pos_encoding}",
-         "GPT-2's weights have learned absolute positions (wpe)"),
-        (requested.qk_norm, "model.qk_norm=true", "GPT-2 attends with unnormalised queries and keys"),
-        (requested.logit_softcap is not None, f"model.logit_softcap={requested.logit_softcap}",
-         "GPT-2's logits are not capped"),
-        (requested.mlp == "relu2", "model.mlp=relu2", "GPT-2's MLP is GELU"),
         (not requested.bias, "model.bias=false", "GPT-2 has a bias in every linear map and layer norm"),
         (requested.zero_init_proj, "model.zero_init_proj=true", "the pretrained weights replace the initialisation"),
-        (requested.attention.name not in compatible, f"model.attention.name={requested.attention.name}",
-         f"GPT-2's weights need full multi-head attention; use one of {', '.join(compatible)}"),
         (positions is not None and requested.block_size > positions, f"model.block_size={requested.block_size}",
          f"the weights have {positions} positions; use at most {positions}"),
     ]
     for refused, setting, why in refusals:
         if refused:
             raise ValueError(f"model.init_from={ref} cannot be combined with {setting}: {why}")
-
-
-def is_gpt2_tokenizer(spec: Mapping[str, Any] | None) -> bool:
-    """Whether a `Tokenizer.spec()` is tiktoken's GPT-2 vocabulary (gpt2, or r50k_base: the same encoding)."""
-    return isinstance(spec, Mapping) and spec.get("kind") == "tiktoken" and spec.get("encoding") in GPT2_TOKENIZERS
 
 
 def data_tokenizer_spec(tokenizer: str, encoding: str = "gpt2") -> dict[str, str]:
@@ -422,8 +389,6 @@ def check_gpt2_vocabulary(folder: Path, cfg: ModelConfig, where: str) -> None:
         raise PretrainedError(f"{where}: its {cfg.vocab_size}-token vocabulary is not GPT-2's ({GPT2_VOCAB} tokens)")
     vocab_file = folder / "vocab.json"
     if vocab_file.is_file():
-        from gptmini.export import gpt2_vocab
-
         try:
             same = json.loads(vocab_file.read_text(encoding="utf-8")) == gpt2_vocab()
         except (OSError, ValueError):

@@ -20,15 +20,16 @@ from gptmini import data as data_lib
 from gptmini.attention import ATTENTION_REGISTRY
 from gptmini.checkpoint import (
     check_compatible,
-    check_finite_weights,
     check_tokenizer,
     checkpoint_dir,
     load_checkpoint,
     resume_path,
 )
 from gptmini.config import ModelConfig, RunConfig
+from gptmini.config_checks import check_run_config
 from gptmini.device import DeviceInfo, describe, resolve_device, resolve_dtype
 from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_state, resolve_strategy, wrap_model
+from gptmini.finite import check_finite_weights
 from gptmini.kernels import KernelReport, math_fallback_warning, probe_attention_kernel
 from gptmini.model import GPT
 from gptmini.optim import make_optimizer, ns_dtype_note
@@ -80,6 +81,7 @@ class RunParts:
 
 
 def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
+    check_run_config(cfg)  # again: `train(cfg, run_dir)` from Python does not pass through the command line
     hw = resolve_hardware(cfg, env)
     notes = [f"device: {hw.info.backend}; dtype: {str(hw.dtype).removeprefix('torch.')}"]
     if env.enabled:

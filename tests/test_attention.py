@@ -22,6 +22,7 @@ from gptmini.attention import (
     WrapperAttention,
     apply_rope,
     build_attention,
+    check_attention_config,
     math_attention,
     weight_compatible_variants,
 )
@@ -421,10 +422,10 @@ def test_settings_a_variant_ignores_are_refused():
     for name in ALL:
         if name != "swa":
             with pytest.raises(ValueError, match=rf"model.attention.window=4 is ignored by attention variant '{name}'"):
-                AttentionConfig(name, window=4)
+                check_attention_config(AttentionConfig(name, window=4))
         if name != "gqa":
             with pytest.raises(ValueError, match=rf"model.attention.n_kv_head=4 is ignored by .*'{name}'.*only gqa"):
-                AttentionConfig(name, n_kv_head=4)
+                check_attention_config(AttentionConfig(name, n_kv_head=4))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Config validation: every bad value is refused when the config is built, in one line that names the key the
-user typed and the valid range; settings the chosen attention variant would silently ignore are refused too."""
+user typed and the valid range; settings the chosen attention variant would silently ignore are refused too (by
+gptmini.config_checks, which asks the attention registry, where a config enters: `check_model_config` here)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from gptmini.config import (
     TrainConfig,
     register_configs,
 )
+from gptmini.config_checks import check_model_config
 
 
 def compose_train(*overrides: str) -> RunConfig:
@@ -34,6 +36,12 @@ def refused(build, message: str) -> str:
     text = str(err.value)
     assert message in text and "\n" not in text, text
     return text
+
+
+def checked(model: ModelConfig) -> ModelConfig:
+    """`model` after the registry checks every command runs where its config enters."""
+    check_model_config(model)
+    return model
 
 
 # (field, bad value, what the message must contain)
@@ -126,7 +134,7 @@ def test_cross_checks_run_when_hydra_composes():
 
 @pytest.mark.parametrize("name", ["sdpa", "mha", "flex", "gqa", "einsum", "wrapper", "fused_qkv", "torch_mha"])
 def test_window_is_refused_where_it_would_be_ignored(name):
-    text = refused(lambda: AttentionConfig(name, window=4),
+    text = refused(lambda: checked(ModelConfig(attention=AttentionConfig(name, window=4))),
                    f"model.attention.window=4 is ignored by attention variant '{name}'")
     assert "only swa reads it" in text and "model/attention=swa" in text
 
@@ -134,8 +142,8 @@ def test_window_is_refused_where_it_would_be_ignored(name):
 @pytest.mark.parametrize("name", ["sdpa", "mha", "swa", "flex"])
 def test_n_kv_head_is_refused_where_it_would_be_ignored(name):
     # Even n_kv_head == n_head: the variant never reads it (and the optimizer's Q/K/V split would follow it).
-    refused(lambda: ModelConfig(n_head=4, attention=AttentionConfig(name, n_kv_head=4, window=3 if name == "swa"
-                                                                   else None)),
+    refused(lambda: checked(ModelConfig(n_head=4, attention=AttentionConfig(name, n_kv_head=4,
+                                                                           window=3 if name == "swa" else None))),
             f"model.attention.n_kv_head=4 is ignored by attention variant '{name}'; only gqa reads it")
 
 
@@ -145,7 +153,7 @@ def test_attention_settings_the_variant_reads_are_accepted():
     assert ModelConfig(n_head=6, n_embd=96, attention=AttentionConfig("gqa")).attention.n_kv_head == 3
     ModelConfig(attention=AttentionConfig("swa", window=8))
     assert ModelConfig(attention=AttentionConfig("swa")).attention.window == 64  # the default window
-    refused(lambda: ModelConfig(attention=AttentionConfig("linear")), "unknown attention variant 'linear'")
+    refused(lambda: checked(ModelConfig(attention=AttentionConfig("linear"))), "unknown attention variant 'linear'")
     refused(lambda: AttentionConfig("swa", window=0), "model.attention.window=0 must be a positive integer")
 
 
@@ -153,7 +161,7 @@ def test_checkpoint_dicts_are_checked_too():
     cfg = dataclasses.asdict(ModelConfig(attention=AttentionConfig("swa", window=8)))
     assert ModelConfig(**cfg).attention.window == 8
     cfg["attention"]["name"] = "sdpa"
-    refused(lambda: ModelConfig(**cfg), "model.attention.window=8 is ignored by attention variant 'sdpa'")
+    refused(lambda: checked(ModelConfig(**cfg)), "model.attention.window=8 is ignored by attention variant 'sdpa'")
 
 
 @pytest.mark.parametrize("variant", ["sdpa", "mha", "einsum", "flex", "gqa", "swa", "torch_mha", "wrapper",

@@ -17,6 +17,7 @@ from hf_helpers import hf_gpt2, save_hf
 
 from gptmini.attention import ATTENTION_REGISTRY, weight_compatible_variants
 from gptmini.config import AttentionConfig, ModelConfig
+from gptmini.config_checks import check_model_config
 from gptmini.model import GPT
 from gptmini.pretrained import (
     PretrainedError,
@@ -254,9 +255,9 @@ def test_init_from_spelling_is_validated():
     (dict(attention=AttentionConfig("swa", window=8)), "model.attention.name=swa"),
     (dict(block_size=2048), "model.block_size=2048: the weights have 1024 positions"),
 ])
-def test_requests_the_weights_cannot_serve_are_refused_when_the_config_is_built(setting, message):
+def test_requests_the_weights_cannot_serve_are_refused_where_the_config_enters(setting, message):
     with pytest.raises(ValueError, match=rf"^model.init_from=gpt2 cannot be combined with {message}") as err:
-        ModelConfig(init_from="gpt2", **setting)
+        check_model_config(ModelConfig(init_from="gpt2", **setting))
     assert "\n" not in str(err.value)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from gptmini.checkpoint import CheckpointError, load_checkpoint
 from gptmini.distributed import DistEnv
+from gptmini.finite import NonFiniteWeights
 from gptmini.run_setup import TrainingError, build_run
 from gptmini.trainer import train
 
@@ -83,5 +84,5 @@ def test_a_checkpoint_whose_weights_hold_nan_is_not_resumed(four_steps):
     next(iter(state["model"].values()))[0] = float("nan")  # a copied or damaged file: training never saves one
     save_checkpoint(state, last)
     cfg = make_config(four_steps["corpus"], four_steps["data"], *TINY, "train.max_iters=6")
-    with pytest.raises(CheckpointError, match=r"last.pt': its weights hold NaN or inf"):
+    with pytest.raises(NonFiniteWeights, match=r"last.pt': its weights hold NaN or inf"):
         train(cfg, four_steps["run"])

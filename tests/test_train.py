@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptmini import trainer as trainer_module
+from gptmini import train_step as step_module  # where Trainer looks up step_unless
 from gptmini.checkpoint import CheckpointError, load_checkpoint
 from gptmini.cli import to_dataclass
 from gptmini.config import register_configs
@@ -157,7 +157,7 @@ def test_a_run_of_non_finite_steps_that_ends_between_two_looks_still_stops_train
 
 def test_non_finite_weights_are_never_saved_and_the_error_names_a_good_checkpoint(tmp_path, corpus, monkeypatch):
     """An update that leaves finite loss and gradients but non-finite weights (a huge lr) must not reach a file."""
-    real_step, calls = trainer_module.step_unless, {"n": 0}
+    real_step, calls = step_module.step_unless, {"n": 0}
 
     def corrupting_step(optimizer, bad):
         real_step(optimizer, bad)
@@ -166,7 +166,7 @@ def test_non_finite_weights_are_never_saved_and_the_error_names_a_good_checkpoin
             with torch.no_grad():
                 optimizer.param_groups[0]["params"][0].fill_(float("inf"))
 
-    monkeypatch.setattr(trainer_module, "step_unless", corrupting_step)
+    monkeypatch.setattr(step_module, "step_unless", corrupting_step)
     run = tmp_path / "run"
     cfg = make_config(corpus, tmp_path / "data", "train.ckpt_interval=1", "train.max_bad_steps=5",
                       "train.eval_interval=0", "train.attn_interval=0", "train.sample_tokens=0")

@@ -131,7 +131,9 @@ def check_attention_config(attention: AttentionConfig, complete: bool = True) ->
 
 
 def build_attention(config: ModelConfig) -> Attention:
-    """The attention module named by `config.attention.name`."""
+    """The attention module named by `config.attention.name`, refusing (the same one line as where a config enters)
+    settings the variant would ignore or lacks: a model built in Python is checked like one built by a command."""
+    check_attention_config(config.attention, complete=True)
     return attention_class(config.attention.name)(config)
 
 

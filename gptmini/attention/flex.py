@@ -13,6 +13,21 @@ from gptmini.attention.core import PackedQKVBase, merge_heads, register_attentio
 from gptmini.config import ModelConfig
 
 
+class NoCPUBackward(ValueError, RuntimeError):
+    """Flex asked for gradients on CPU. A ValueError where the config is checked (a one-line `error:` before any
+    work), the RuntimeError torch code expects when a forward pass hits it; one class, so one message."""
+
+
+def check_backward(device: torch.device | str) -> None:
+    """torch 2.13 has no FlexAttention backward on CPU: the one place that says so."""
+    if torch.device(device).type == "cpu":
+        raise NoCPUBackward(
+            "attention variant 'flex' cannot train on CPU: torch has no backward on CPU for FlexAttention; use a "
+            "GPU, or another variant such as model/attention=sdpa (inference with flex works on CPU, under "
+            "torch.no_grad())"
+        )
+
+
 @register_attention("flex")
 class FlexAttention(PackedQKVBase):
     """FlexAttention with a causal block mask (compiled kernels on GPUs).
@@ -33,11 +48,8 @@ class FlexAttention(PackedQKVBase):
     @classmethod
     def check_device(cls, config: ModelConfig, device: torch.device, training: bool) -> None:
         device = torch.device(device)
-        if training and device.type == "cpu":
-            raise ValueError(
-                "attention variant 'flex' cannot train on CPU: torch has no FlexAttention backward on CPU; "
-                "use a GPU, or another variant such as model/attention=sdpa (inference with flex works on CPU)"
-            )
+        if training:
+            check_backward(device)
         if training and config.dropout > 0:
             raise ValueError(
                 f"attention variant 'flex' has no attention dropout; set model.dropout=0 "
@@ -66,11 +78,8 @@ class FlexAttention(PackedQKVBase):
         return self._block_masks[key]
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None):
-        if torch.is_grad_enabled() and x.device.type == "cpu":
-            raise RuntimeError(
-                "attention variant 'flex' has no backward on CPU in this torch: run inference under "
-                "torch.no_grad(), or train with a GPU or another variant such as model/attention=sdpa"
-            )
+        if torch.is_grad_enabled():  # also in eval mode: gradients with respect to the input need a backward
+            check_backward(x.device)
         if self.training:
             self.check_device(self.config, x.device, training=True)
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H, Tk, hd) x2

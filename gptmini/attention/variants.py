@@ -212,8 +212,7 @@ class SlidingWindowAttention(SDPAttention):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        if config.attention.window is None:
-            raise ValueError("attention variant 'swa' needs model.attention.window (a positive integer)")
+        assert config.attention.window is not None, "ModelConfig fills swa's window; check_attention_config needs one"
         self.window = config.attention.window
 
 

@@ -1,8 +1,10 @@
-"""Typed configuration for gptmini.
+"""Typed configuration for gptmini: the bottom layer, importing nothing of gptmini outside this package.
 
 Plain dataclasses, importable and usable without Hydra. `register_configs()` registers them with Hydra's
 ConfigStore as schemas, so a wrong key or a wrong type in a YAML file or on the command line fails when the
-config is composed, before any work starts.
+config is composed, before any work starts. Each dataclass checks what it can judge alone when it is built;
+what needs a registry (attention variants, pretrained weights) is checked above, in gptmini.config_checks.
+`values` holds the lists of valid values and the one-line checks against them.
 """
 
 from __future__ import annotations
@@ -11,50 +13,23 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-POS_ENCODINGS = ("learned", "rope")
-MLP_KINDS = ("gelu", "gelu_tanh", "relu2")
-# `model.init_from` names: the four OpenAI GPT-2 sizes on the Hugging Face hub (gptmini.pretrained loads them).
-PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-NS_DTYPES = ("auto", "float32", "bfloat16")
-MAX_SEED = 2**31 - 1  # numpy seeds must stay below 2**32, and the trainer adds the rank
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checks shared by the validators: each raises a one-line ValueError naming the key, the value and the range.
-
-
-def check_int(key: str, value: object, low: int, high: int | None = None, *, none_ok: bool = False,
-              note: str = "") -> None:
-    """`key=value` must be an integer >= low (and <= high); None too when `none_ok`."""
-    if value is None and none_ok:
-        return
-    if isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high):
-        return
-    if high is not None:
-        what = f"an integer in [{low}, {high}]"
-    else:
-        what = {0: "a non-negative integer (>= 0)", 1: "a positive integer (>= 1)"}.get(low, f"an integer >= {low}")
-    raise ValueError(f"{key}={value!r} must be {what}{' or null' if none_ok else ''}{note}")
-
-
-def check_number(key: str, value: object, low: float, high: float | None = None, *, low_open: bool = False,
-                 high_open: bool = False, note: str = "") -> None:
-    """`key=value` must be a finite number in the interval from low to high (open ends when asked)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low)
-    ok = ok and (high is None or (value < high if high_open else value <= high))
-    if ok:
-        return
-    if high is None:
-        where = f"{'>' if low_open else '>='} {low:g}"
-    else:
-        where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    raise ValueError(f"{key}={value!r} must be a finite number {where}{note}")
-
-
-def check_choice(key: str, value: object, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{key}={value!r} is unknown; valid: {', '.join(valid)}")
+from gptmini.config.values import (  # noqa: F401  (the lists and checks are gptmini.config's public names too)
+    DEVICES,
+    DTYPE_NAMES,
+    MAX_SEED,
+    MLP_KINDS,
+    NS_DTYPES,
+    OPTIMIZERS,
+    POS_ENCODINGS,
+    PRETRAINED_NAMES,
+    SCHEDULES,
+    STRATEGIES,
+    SWA_DEFAULT_WINDOW,
+    check_choice,
+    check_init_from,
+    check_int,
+    check_number,
+)
 
 
 @dataclass
@@ -70,17 +45,11 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, complete: bool = False) -> None:
-        """Refuse an unknown variant and a setting the variant would ignore (n_kv_head: only gqa reads it, window:
-        only swa); with `complete` (as part of a ModelConfig) also a missing one (swa needs a window)."""
-        from gptmini.attention import check_attention_config  # imported here: gptmini.attention imports us
-
+    def validate(self) -> None:
+        """Refuse a window that is not a positive integer. Which variants exist and which settings each reads, the
+        attention registry says (gptmini.attention.check_attention_config, run by gptmini.config_checks)."""
         if self.window is not None:
             check_int("model.attention.window", self.window, 1)
-        check_attention_config(self, complete)
-
-
-SWA_DEFAULT_WINDOW = 64
 
 
 def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionConfig:
@@ -96,19 +65,6 @@ def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionC
         kv = max([d for d in range(1, n_head // 2 + 1) if n_head % d == 0], default=1)
         return dataclasses.replace(attention, n_kv_head=kv)
     return attention
-
-
-def check_init_from(ref: object) -> None:
-    """`model.init_from` must be one of PRETRAINED_NAMES or look like a path. Only the spelling is checked, never the
-    file system: a checkpoint records the value and must stay loadable after the folder is gone."""
-    is_path = isinstance(ref, str) and ref.strip() == ref and ("/" in ref or ref.startswith(("~", ".")))
-    if ref in PRETRAINED_NAMES or is_path:
-        return
-    hint = f" (write ./{ref} for a folder here)" if isinstance(ref, str) and ref.strip() else ""
-    raise ValueError(
-        f"model.init_from={ref!r} is unknown; valid: {', '.join(PRETRAINED_NAMES)}, or the path of a local "
-        f"Hugging Face GPT-2 folder{hint}"
-    )
 
 
 @dataclass
@@ -141,6 +97,10 @@ class ModelConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
+        """Normalise (a checkpoint's dict becomes an AttentionConfig, variant defaults are filled in), then validate."""
+        if isinstance(self.attention, dict):
+            self.attention = AttentionConfig(**self.attention)
+        self.attention = with_variant_defaults(self.attention, self.n_head)
         self.validate()
 
     @property
@@ -156,42 +116,29 @@ class ModelConfig:
         return self.attention.n_kv_head or self.n_head
 
     def validate(self) -> None:
-        """Raise a one-line ValueError naming the first bad value."""
-        if isinstance(self.attention, dict):  # built from a plain dict, e.g. a checkpoint's config
-            self.attention = AttentionConfig(**self.attention)
-        self.attention = with_variant_defaults(self.attention, self.n_head)
-        self.attention.validate(complete=True)
+        """Raise a one-line ValueError naming the first bad value. What needs a registry (the attention variant and
+        the settings it reads, what model.init_from's weights can serve) is checked by gptmini.config_checks."""
+        self.attention.validate()
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple"):
             check_int(f"model.{name}", getattr(self, name), 1)
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
-                f"choose n_embd as a multiple of n_head"
-            )
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                             f"choose n_embd as a multiple of n_head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
-        if self.pos_encoding not in POS_ENCODINGS:
-            raise ValueError(
-                f"model.pos_encoding={self.pos_encoding!r} is unknown; valid: {', '.join(POS_ENCODINGS)}"
-            )
+        check_choice("model.pos_encoding", self.pos_encoding, POS_ENCODINGS)
         if self.pos_encoding == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"pos_encoding=rope needs an even head size, got n_embd/n_head={self.head_dim}")
         kv = self.attention.n_kv_head
         if kv is not None and (kv <= 0 or self.n_head % kv != 0):
-            raise ValueError(
-                f"model.attention.n_kv_head={kv} must be a positive divisor of model.n_head={self.n_head}"
-            )
-        if self.mlp not in MLP_KINDS:
-            raise ValueError(f"model.mlp={self.mlp!r} is unknown; valid: {', '.join(MLP_KINDS)}")
+            raise ValueError(f"model.attention.n_kv_head={kv} must be a positive divisor of model.n_head={self.n_head}")
+        check_choice("model.mlp", self.mlp, MLP_KINDS)
         if self.qk_norm_gain and not self.qk_norm:
             raise ValueError("model.qk_norm_gain=true scales normalised queries and keys; it needs model.qk_norm=true")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise ValueError(f"model.logit_softcap={self.logit_softcap} must be a positive number or null (off)")
         if self.init_from is not None:
-            from gptmini.pretrained import check_pretrained_compatible  # imported here: gptmini.pretrained imports us
-
             check_init_from(self.init_from)
-            check_pretrained_compatible(self)
 
 
 @dataclass
@@ -235,10 +182,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first bad value and its valid range."""
-        from gptmini.device import DEVICES, DTYPES  # imported here: they bring torch
-        from gptmini.distributed import STRATEGIES
-        from gptmini.optim import SCHEDULES
-
         for name in ("batch_size", "grad_accum", "eval_iters", "log_interval", "ckpt_interval", "max_bad_steps",
                      "probe_tokens"):
             check_int(f"train.{name}", getattr(self, name), 1)
@@ -257,7 +200,7 @@ class TrainConfig:
         check_number("train.dist_timeout_s", self.dist_timeout_s, 0, low_open=True)
         check_choice("train.lr_schedule", self.lr_schedule, SCHEDULES)
         check_choice("train.device", self.device, DEVICES)
-        check_choice("train.dtype", self.dtype, ("auto", *DTYPES))
+        check_choice("train.dtype", self.dtype, ("auto", *DTYPE_NAMES))
         check_choice("train.strategy", self.strategy, STRATEGIES)
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ValueError(f"train.resume={self.resume!r} must be auto, never, or the path of a checkpoint")
@@ -291,8 +234,6 @@ class OptimConfig:
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first bad value and its valid range."""
-        from gptmini.optim import OPTIMIZERS  # imported here: gptmini.optim imports us
-
         check_choice("optim.name", self.name, OPTIMIZERS)
         for name in ("beta1", "beta2", "muon_momentum"):
             check_number(f"optim.{name}", getattr(self, name), 0, 1, high_open=True)
@@ -444,7 +385,7 @@ class ExportConfig:
     dtype: str = "float32"  # of the tensors in model.safetensors: float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
-        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choice("dtype", self.dtype, DTYPE_NAMES)
 
 
 def register_configs() -> None:
