@@ -38,13 +38,21 @@ def evaluate_split(
     device: torch.device | str = "cpu",
     ctx: contextlib.AbstractContextManager | None = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> float:
-    """Mean cross-entropy over the whole split in non-overlapping windows, every position counted once."""
+    """Mean cross-entropy over the whole split in non-overlapping windows, every position counted once.
+
+    `progress` shows a bar on a terminal: a whole split can take a minute, which should not look like a hang."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for x, y in data_lib.iter_windows(tokens, window, batch_size):
+    n_batches = math.ceil(math.ceil((len(tokens) - 1) / window) / batch_size)
+    batches = tqdm(data_lib.iter_windows(tokens, window, batch_size), total=n_batches, desc="evaluate",
+                   unit="batch", leave=False, disable=not (progress and sys.stderr.isatty()))
+    for x, y in batches:
         x, y = x.to(device), y.to(device)  # (b, window) each
         with ctx if ctx is not None else contextlib.nullcontext():
             logits = model(x).logits  # (b, window, vocab)
@@ -93,7 +101,8 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
     prepared = data_lib.prepare(data_cfg, data_dir, accept=lambda p: check_eval_data(p, tokenizer, data_cfg,
                                                                                     data_dir, opts.split))
     tokens = prepared.val_tokens() if opts.split == "val" else prepared.train_tokens()
-    loss = evaluate_split(model, tokens, window, device, autocast(device, dtype), opts.batch_size)
+    loss = evaluate_split(model, tokens, window, device, autocast(device, dtype), opts.batch_size,
+                          progress=stream is not None)
     result = EvalResult(loss, math.exp(loss), len(tokens) - 1, window, opts.split, path)
     if stream is not None:
         stream.write(

@@ -33,7 +33,7 @@ def setup_logger(run_dir: Path, name: str = "gptmini") -> logging.Logger:
         run_dir.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(run_dir / LOG_FILE)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        console = logging.StreamHandler(sys.stderr)
+        console = BarSafeHandler(sys.stderr)
         console.addFilter(lambda record: not getattr(record, "step_line", False))
         logger.addHandler(file_handler)
         logger.addHandler(console)
@@ -44,6 +44,19 @@ def setup_logger(run_dir: Path, name: str = "gptmini") -> logging.Logger:
         for handler in logger.handlers[1:]:
             handler.setFormatter(logging.Formatter("%(message)s"))
     return logger
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """Console lines written around a live progress bar (tqdm clears it, writes, redraws it), instead of onto the
+    bar's own line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
 
 
 def close_logger(logger: logging.Logger) -> None:

@@ -128,6 +128,8 @@ class TrainingRun:
                     self.after_step(result, bar, stopped)
         final = None if stopped else self.final_evaluation()
         barrier(self.hw.env)
+        self.log.info(f"run directory: {self.run_dir} (tensorboard --logdir {self.run_dir}; "
+                      f"python generate.py ckpt={self.run_dir})")
         return TrainResult(step=self.trainer.step, final_val_loss=final, best_val_loss=self.best_val,
                            skipped_steps=self.trainer.skipped, run_dir=self.run_dir)
 
@@ -154,6 +156,7 @@ class TrainingRun:
         if self.hw.env.is_main:
             (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.full_config))
         n_params = self.model.num_parameters()
+        self.log.info(f"run directory: {self.run_dir}")
         self.log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={self.model_cfg.attention.name}")
         self.tb.text("system/backend", f"{self.hw.info.backend}; dtype {self.hw.dtype}; torch {torch.__version__}; "
                      f"{self.hw.env.world_size} process(es)", self.trainer.step, code=False)
@@ -306,8 +309,10 @@ class TrainingRun:
         if not self.t.final_eval:
             return None
         window = self.t.eval_window or self.model_cfg.block_size
+        self.log.info(f"final evaluation: the whole val split ({len(self.data.val):,} tokens) in windows of {window}")
         try:
-            final = evaluate_split(self.model, self.data.val, window, self.hw.device, self.trainer.ctx)
+            final = evaluate_split(self.model, self.data.val, window, self.hw.device, self.trainer.ctx,
+                                   progress=self.hw.env.is_main)
         except KeyboardInterrupt:
             self.log.info(f"final evaluation interrupted; the checkpoints are saved (last.pt at step "
                           f"{self.last_saved}); measure later with: python -m gptmini.evaluate ckpt={self.run_dir}")
