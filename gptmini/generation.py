@@ -170,6 +170,9 @@ def save_attention(cfg: GenerateConfig, model: GPT, tokenizer: Tokenizer, idx: T
               f"(model.block_size)", file=sys.stderr)
     save_prompt_attention(model, tokenizer, idx, cfg.attention_map, cfg.attention_tb, cfg.attention_layers,
                           cfg.attention_heads)
+    for what, where in (("attention map", cfg.attention_map), ("attention maps for TensorBoard", cfg.attention_tb)):
+        if where:
+            print(f"{what}: {where}", file=sys.stderr)
 
 
 def sample_rows(cfg: GenerateConfig, model: GPT, tokenizer: Tokenizer, idx: Tensor,

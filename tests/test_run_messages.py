@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from gptmini.config import GenerateConfig
+from gptmini.generation import run_generation
 from gptmini.run_log import BarSafeHandler
 from gptmini.trainer import train
 
@@ -17,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train import make_config  # noqa: E402
 
 
-def test_the_run_names_its_folder_and_announces_the_final_evaluation(tmp_path):
+def test_the_run_names_its_folder_and_announces_the_final_evaluation(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 200)
     run = tmp_path / "run"
@@ -28,6 +30,10 @@ def test_the_run_names_its_folder_and_announces_the_final_evaluation(tmp_path):
     assert f"python generate.py ckpt={run}" in log
     start = log.index("final evaluation: the whole val split")
     assert start < log.index("final val loss")
+    capsys.readouterr()
+    png = tmp_path / "maps" / "attn.png"
+    run_generation(GenerateConfig(ckpt=str(run), max_new_tokens=2, device="cpu", attention_map=str(png)), None)
+    assert f"attention map: {png}" in capsys.readouterr().err.splitlines()
 
 
 def rendered_line(text: str, needle: str) -> str:
