@@ -38,13 +38,14 @@ def lr_scale(step: int, t: TrainConfig) -> float:
     assert t.lr_schedule in SCHEDULES, t.lr_schedule
     if step < t.warmup_iters:
         return (step + 1) / t.warmup_iters
+    length = t.schedule_iters or t.max_iters  # past it: the final rate, lr * min_lr_ratio
     if t.lr_schedule == "wsd":
-        decay_start = max(t.warmup_iters, t.max_iters - round(t.decay_frac * t.max_iters))
+        decay_start = max(t.warmup_iters, length - round(t.decay_frac * length))
         if step < decay_start:
             return 1.0
-        progress = min(1.0, (step - decay_start) / max(1, t.max_iters - decay_start))
+        progress = min(1.0, (step - decay_start) / max(1, length - decay_start))
         return 1.0 - (1.0 - t.min_lr_ratio) * progress
-    progress = (step - t.warmup_iters) / max(1, t.max_iters - t.warmup_iters)
+    progress = (step - t.warmup_iters) / max(1, length - t.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * coeff
 

@@ -32,7 +32,7 @@ from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_stat
 from gptmini.finite import check_finite_weights
 from gptmini.kernels import KernelReport, math_fallback_warning, probe_attention_kernel
 from gptmini.model import GPT
-from gptmini.optim import make_optimizer, ns_dtype_note
+from gptmini.optim import lr_at, make_optimizer, ns_dtype_note
 from gptmini.pretrained import (
     build_gpt,
     check_pretrained_tokenizer,
@@ -128,7 +128,21 @@ def resume_changes(resume: dict[str, Any], cfg: RunConfig) -> list[str]:
         for key, value in dataclasses.asdict(getattr(cfg, section)).items():
             if key in saved and saved[key] != value and key not in ("resume", "stop_after"):
                 notes.append(f"resume: {section}.{key} is now {value!r} (the checkpoint's run had {saved[key]!r})")
-    return notes
+    return notes + _schedule_note(resume, cfg)
+
+
+def _schedule_note(resume: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """What a new schedule length does to the learning rate at the resume step, and how to keep the old one."""
+    saved = resume["config"].get("train", {})
+    old_length = saved.get("schedule_iters") or saved.get("max_iters")
+    new_length = cfg.train.schedule_iters or cfg.train.max_iters
+    if old_length is None or old_length == new_length:
+        return []
+    step = resume["step"]
+    before = lr_at(step, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, schedule_iters=old_length)))
+    return [f"resume: the learning-rate schedule now spans {new_length} steps instead of {old_length}: lr at step "
+            f"{step} is {lr_at(step, cfg):.3e} (it would be {before:.3e}); add train.schedule_iters={old_length} "
+            f"to continue the checkpoint's schedule"]
 
 
 def wants_kernel_probe(device: torch.device) -> bool:

@@ -86,3 +86,22 @@ def test_a_checkpoint_whose_weights_hold_nan_is_not_resumed(four_steps):
     cfg = make_config(four_steps["corpus"], four_steps["data"], *TINY, "train.max_iters=6")
     with pytest.raises(NonFiniteWeights, match=r"last.pt': its weights hold NaN or inf"):
         train(cfg, four_steps["run"])
+
+
+def test_a_longer_run_re_stretches_the_schedule_or_continues_it_when_asked(four_steps):
+    from gptmini.optim import lr_at
+
+    longer = make_config(four_steps["corpus"], four_steps["data"], *TINY, "train.max_iters=8", "train.lr=3e-3",
+                         "optim.weight_decay=0.1")
+    notes = build_run(longer, four_steps["run"], DistEnv()).notes
+    [note] = [n for n in notes if "schedule now spans" in n]
+    assert note.startswith("resume: the learning-rate schedule now spans 8 steps instead of 4: lr at step 4 is ")
+    assert note.endswith("add train.schedule_iters=4 to continue the checkpoint's schedule")
+    assert lr_at(4, longer) > 3e-3 * 0.5  # re-stretched: back up near the peak (cosine at 3/7 of the way)
+    kept = make_config(four_steps["corpus"], four_steps["data"], *TINY, "train.max_iters=8", "train.lr=3e-3",
+                       "optim.weight_decay=0.1", "train.schedule_iters=4")
+    assert not any("schedule now spans" in n for n in build_run(kept, four_steps["run"], DistEnv()).notes)
+    min_lr = 3e-3 * kept.train.min_lr_ratio
+    assert [lr_at(s, kept) for s in range(4, 8)] == pytest.approx([min_lr] * 4)  # the old schedule's end, kept
+    original = make_config(four_steps["corpus"], four_steps["data"], *TINY, "train.max_iters=4", "train.lr=3e-3")
+    assert [lr_at(s, kept) for s in range(4)] == [lr_at(s, original) for s in range(4)]

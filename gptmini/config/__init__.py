@@ -176,6 +176,9 @@ class TrainConfig:
     eval_window: int | None = None  # window of the final evaluation (default: block_size)
     lr_schedule: str = "cosine"  # cosine | wsd: warm-up, stable at train.lr, linear decay over the last decay_frac
     decay_frac: float = 0.2  # wsd: fraction of max_iters spent decaying to lr * min_lr_ratio
+    # The schedule's length (null: train.max_iters). A resumed run given a larger max_iters re-stretches the
+    # schedule over it; schedule_iters=<the old max_iters> continues the old, decayed schedule instead.
+    schedule_iters: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -196,6 +199,7 @@ class TrainConfig:
         check_number("train.lr", self.lr, 0, low_open=True)
         check_number("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_number("train.decay_frac", self.decay_frac, 0, 1)
+        check_int("train.schedule_iters", self.schedule_iters, 1, none_ok=True)
         check_number("train.grad_clip", self.grad_clip, 0, note=" (0 disables clipping)")
         check_number("train.dist_timeout_s", self.dist_timeout_s, 0, low_open=True)
         check_choice("train.lr_schedule", self.lr_schedule, SCHEDULES)
