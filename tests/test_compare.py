@@ -29,7 +29,7 @@ from gptmini.run_log import (
     final_metrics,
     to_yaml,
 )
-from gptmini.run_records import read_run
+from gptmini.run_records import Series, read_run
 from gptmini.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,7 +37,7 @@ from test_train import make_config  # noqa: E402  (the shared tiny-run config)
 
 TINY = ("model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "train.batch_size=4",
         "train.max_iters=10", "train.eval_interval=5", "train.attn_interval=0", "train.sample_tokens=0",
-        "train.ckpt_interval=10")
+        "train.ckpt_interval=10", "train.log_interval=2")  # five throughputs: their median is not their mean
 PLANTED_PEAK = 123 << 20  # run a's peak memory, written by the test (the trainer does not log it yet)
 
 
@@ -105,16 +105,17 @@ def test_groups_form_by_the_setting_that_differs(sweep):
 
 
 def fake_run(path: Path, final: float | None, seed: int, lr: float = 1e-3, *, steps: int = 10,
-             wall: list[float] | None = None) -> Path:
-    """A run directory written with the trainer's own writer: val loss at steps 5 and 10, then (unless `final` is
-    None) the final metrics. No training: the numbers are exactly the ones given."""
+             val: list[float] | None = None) -> Path:
+    """A run directory written with the trainer's own writer: val loss every 5 steps (`val`, else 2.5, 2.0), then
+    (unless `final` is None) the final metrics. No training: the numbers are exactly the ones given."""
     config = {"train": {"seed": seed, "lr": lr, "max_iters": 10, "batch_size": 2, "grad_accum": 1},
               "model": {"block_size": 8, "n_layer": 1, "n_head": 1, "n_embd": 8, "vocab_size": 11}}
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(to_yaml(config))
     tb = TensorBoard(path)
-    for step in range(5, steps + 1, 5):
-        tb.scalars({TAG_VAL_LOSS: 3.0 - step / 10, TAG_TOKENS_PER_S: 1000.0 + step}, step)
+    val = val or [3.0 - step / 10 for step in range(5, steps + 1, 5)]
+    for i, loss in enumerate(val):
+        tb.scalars({TAG_VAL_LOSS: loss, TAG_TOKENS_PER_S: 1000.0 + i}, 5 * (i + 1))
     if final is not None:
         tb.write_final_metrics(config, final_metrics(final, [1000.0], tb.started, 42 << 20))
     tb.close()
@@ -144,6 +145,7 @@ def test_crashed_running_and_half_written_runs_show_as_such(tmp_path):
     fake_run(tmp_path / "done1", 2.0, seed=1)
     fake_run(tmp_path / "done2", 2.2, seed=2)
     fake_run(tmp_path / "crashed", None, seed=3, steps=5)
+    fake_run(tmp_path / "no_final", None, seed=7)  # reached max_iters, died in the final evaluation
     running = fake_run(tmp_path / "running", None, seed=4, steps=5)
     (running / PID_NAME).write_text(f"{os.getpid()}\n")  # a live process holds it
     cut = fake_run(tmp_path / "cut", None, seed=5)
@@ -155,12 +157,12 @@ def test_crashed_running_and_half_written_runs_show_as_such(tmp_path):
     result = compare(CompareConfig(paths=[str(tmp_path)]))
     status = {row["run"]: row["status"] for row in result.run_rows}
     assert status == {"done1": "finished", "done2": "finished", "crashed": "crashed", "running": "running",
-                      "cut": "crashed", "killed": "crashed"}
+                      "cut": "crashed", "killed": "crashed", "no_final": "crashed"}
     assert {row["run"]: row["best_val_loss"] for row in result.run_rows}["cut"] == pytest.approx(2.5)
     group = next(row for row in result.group_rows if row["group"] == "all")
-    assert group["n"] == 2 and group["runs"] == 5  # finished runs only; the unreadable config is its own group
+    assert group["n"] == 2 and group["runs"] == 6  # finished runs only; the unreadable config is its own group
     assert group["final_val_loss_mean"] == pytest.approx(2.1)
-    assert "| killed | crashed |" in result.markdown and "2 of 5" in result.markdown
+    assert "| killed | crashed |" in result.markdown and "2 of 6" in result.markdown
 
 
 def test_files_are_written_and_the_plot_means_each_group(tmp_path):
@@ -182,6 +184,19 @@ def test_files_are_written_and_the_plot_means_each_group(tmp_path):
     steps, loss, elapsed = mean_curve(curves)
     assert steps == [5, 10] and loss == pytest.approx([2.5, 2.0])
     assert elapsed == pytest.approx([np.mean([c.elapsed[i] for c in curves]) for i in range(2)])
+
+
+def test_best_loss_and_time_to_target_read_the_whole_curve(tmp_path):
+    run = read_run(fake_run(tmp_path / "r", 2.2, seed=1, steps=15, val=[2.4, 2.1, 2.3]))
+    assert run.best_val_loss == pytest.approx(2.1)  # not the last one
+    val = run.series(TAG_VAL_LOSS)
+    assert run.time_to(2.2) == val.elapsed[1] and run.time_to(2.45) == val.elapsed[0] and run.time_to(2.0) is None
+    assert val.elapsed == sorted(val.elapsed) and val.elapsed[0] >= 0
+
+
+def test_the_mean_curve_stops_where_the_shortest_seed_stops():
+    long, short = Series([5, 10], [2.0, 1.0], [1.0, 2.0]), Series([5], [3.0], [3.0])
+    assert mean_curve([long, short]) == ([5], [2.5], [2.0])
 
 
 def test_bare_paths_are_split_from_overrides(tmp_path):
