@@ -56,8 +56,9 @@ def compare(cfg: CompareConfig) -> Comparison:
     baseline = find_group(groups, cfg.baseline) if cfg.baseline is not None else None
     rows = run_rows(runs, run_names([r.path for r in runs]), keys, groups, cfg.target)
     stats = group_rows(groups, baseline)
+    against = f"; p: Welch's t-test against {baseline.label}" if baseline is not None else ""
     markdown = (f"## Runs\n\n{runs_markdown(rows, keys, cfg.target)}\n"
-                f"## Groups (runs that differ only in train.seed; n counts finished runs)\n\n"
+                f"## Groups (runs that differ only in train.seed; n counts finished runs{against})\n\n"
                 f"{groups_markdown(stats, baseline)}")
     return Comparison(runs, groups, markdown, to_csv(rows), rows, stats)
 
@@ -112,7 +113,7 @@ def plot(groups: list[Group]) -> bytes:
     for ax in axes:
         ax.grid(alpha=0.3)
     if groups:
-        axes[0].legend(fontsize=8)
+        axes[0].legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -54,7 +54,7 @@ def group_runs(runs: list[RunRecord], keys: list[str]) -> list[Group]:
         if not run.config:
             label = "unknown settings"
         else:
-            label = ", ".join(f"{k}={v}" for k, v in settings.items()) or "all"
+            label = ", ".join(f"{k}={_yaml(v)}" for k, v in settings.items()) or "all"
         groups.setdefault(label, Group(label, settings, [])).runs.append(run)
     return list(groups.values())
 
@@ -64,12 +64,21 @@ def find_group(groups: list[Group], name: str) -> Group:
     for exact in (g for g in groups if g.label == name):
         return exact
     matches = [g for g in groups
-               if any(name in (f"{k}={v}", str(v)) for k, v in g.settings.items())]
+               if any(name in (f"{k}={_yaml(v)}", _yaml(v)) for k, v in g.settings.items())]
     if len(matches) == 1:
         return matches[0]
     labels = "; ".join(g.label for g in groups)
     what = "matches several groups" if matches else "names no group"
     raise ValueError(f"baseline={name!r} {what}; the groups are: {labels}")
+
+
+def _yaml(value: Any) -> str:
+    """A setting as config.yaml and the command line write it (null, true), not as Python prints it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -174,7 +183,7 @@ def runs_markdown(rows: list[dict[str, Any]], keys: list[str], target: float | N
 def groups_markdown(rows: list[dict[str, Any]], baseline: Group | None) -> str:
     headers = ["group", "n", "final val loss (mean ± std)", "wall time s (mean ± std)"]
     if baseline is not None:
-        headers += [f"p loss vs {baseline.label}", f"p time vs {baseline.label}"]
+        headers += ["p (loss)", "p (time)"]
     lines = []
     for row in rows:
         cells = [row["group"], f"{row['n']}" + (f" of {row['runs']}" if row["runs"] != row["n"] else ""),
