@@ -30,7 +30,7 @@ from gptmini.comparison import (
 from gptmini.config import CompareConfig
 from gptmini.paths import check_writable, protected_reason, write_atomic
 from gptmini.run_log import TAG_VAL_LOSS
-from gptmini.run_records import RunRecord, find_runs, read_run
+from gptmini.run_records import RunRecord, Series, find_runs, read_run
 
 OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png")
 
@@ -121,7 +121,7 @@ def plot(groups: list[Group]) -> bytes:
     return buffer.getvalue()
 
 
-def mean_curve(curves: list[Any]) -> tuple[list[int], list[float], list[float]]:
+def mean_curve(curves: list[Series]) -> tuple[list[int], list[float], list[float]]:
     """At each step every curve has: the mean loss and the mean time it took to get there."""
     if not curves:
         return [], [], []

@@ -20,6 +20,9 @@ from gptmini.run_log import format_bytes
 from gptmini.run_records import FINISHED, RunRecord
 
 SEED_KEY = "train.seed"
+# Settings that cannot change what a run trains: where the data lies, how an invocation started or ended. A run
+# stopped with train.stop_after and resumed stays in its seeds' group.
+BOOKKEEPING = (SEED_KEY, "data_dir", "train.resume", "train.stop_after", "train.dist_timeout_s")
 
 
 @dataclass
@@ -40,10 +43,10 @@ class Group:
 
 
 def differing_keys(runs: list[RunRecord]) -> list[str]:
-    """Config keys whose values are not the same in every run that has a config (the seed apart), in order."""
+    """Config keys whose values are not the same in every run that has a config (`BOOKKEEPING` apart), in order."""
     configs = [r.config for r in runs if r.config]
     keys = list(dict.fromkeys(k for c in configs for k in c))
-    return [k for k in keys if k != SEED_KEY and len({repr(c.get(k)) for c in configs}) > 1]
+    return [k for k in keys if k not in BOOKKEEPING and len({repr(c.get(k)) for c in configs}) > 1]
 
 
 def group_runs(runs: list[RunRecord], keys: list[str]) -> list[Group]:

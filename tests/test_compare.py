@@ -105,10 +105,11 @@ def test_groups_form_by_the_setting_that_differs(sweep):
 
 
 def fake_run(path: Path, final: float | None, seed: int, lr: float = 1e-3, *, steps: int = 10,
-             val: list[float] | None = None) -> Path:
+             val: list[float] | None = None, stop_after: int | None = None) -> Path:
     """A run directory written with the trainer's own writer: val loss every 5 steps (`val`, else 2.5, 2.0), then
     (unless `final` is None) the final metrics. No training: the numbers are exactly the ones given."""
-    config = {"train": {"seed": seed, "lr": lr, "max_iters": 10, "batch_size": 2, "grad_accum": 1},
+    config = {"train": {"seed": seed, "lr": lr, "max_iters": 10, "batch_size": 2, "grad_accum": 1,
+                        "stop_after": stop_after},
               "model": {"block_size": 8, "n_layer": 1, "n_head": 1, "n_embd": 8, "vocab_size": 11}}
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(to_yaml(config))
@@ -143,7 +144,7 @@ def test_p_value_is_welchs_from_scipy(tmp_path):
 
 def test_crashed_running_and_half_written_runs_show_as_such(tmp_path):
     fake_run(tmp_path / "done1", 2.0, seed=1)
-    fake_run(tmp_path / "done2", 2.2, seed=2)
+    fake_run(tmp_path / "done2", 2.2, seed=2, stop_after=5)  # stopped once, resumed: still one of the seeds
     fake_run(tmp_path / "crashed", None, seed=3, steps=5)
     fake_run(tmp_path / "no_final", None, seed=7)  # reached max_iters, died in the final evaluation
     running = fake_run(tmp_path / "running", None, seed=4, steps=5)
