@@ -112,6 +112,7 @@ TAG_PEAK_MEMORY = "memory/peak_bytes"  # peak so far: max RSS on CPU, peak alloc
 TAG_PARAMETERS = "model/parameters"
 # The final metrics, written once at the end of a run into the HPARAMS tab (and as scalars of the same name).
 HPARAM_FINAL_VAL_LOSS = "hparam/final_val_loss"  # whole val split
+# Of the invocation that finished the run (a resumed run's comparison sums the invocations from their events).
 HPARAM_TOKENS_PER_S = "hparam/tokens_per_s"  # median over the log intervals
 HPARAM_WALL_TIME = "hparam/wall_time_s"  # from the TensorBoard writer's start to the end of the run
 HPARAM_PEAK_MEMORY = "hparam/peak_memory_bytes"
