@@ -199,3 +199,45 @@ def available_memory(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peak memory: what a run needed at most, so that runs can be compared on memory as well as on loss and speed
+
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """The most memory this process has held on `device` since the last `reset_peak_memory` (or its start).
+
+    GPUs (CUDA and ROCm): the peak of tensors allocated by PyTorch (`max_memory_allocated`), the figure that
+    decides whether a bigger batch fits. CPU: the peak resident set size (Linux `VmHWM`; elsewhere
+    `ru_maxrss`), which counts everything the process holds, Python and the data included. None where neither
+    can be read (MPS keeps no peak): a report then shows the figure as unknown rather than a wrong one.
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if platform.system() == "Darwin" else peak * 1024)  # macOS: bytes; Linux/BSD: kB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak afresh, so that a run's figure is its training, not the data preparation or
+    model loading before it. On Linux CPUs this resets `VmHWM` (`/proc/self/clear_refs`); where that is not
+    allowed the peak simply keeps counting from the process start (never an understatement)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        with contextlib.suppress(OSError):
+            _PROC_CLEAR_REFS.write_text("5")

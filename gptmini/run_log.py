@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import statistics
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,48 @@ def to_yaml(tree: dict[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(tree))
 
 
+# TensorBoard scalar tags, named once: the trainer writes them and `python -m gptmini.compare` reads them.
+TAG_TRAIN_LOSS = "loss/train"
+TAG_VAL_LOSS = "loss/val"  # the estimate at each evaluation (train.eval_iters batches)
+TAG_TOKENS_PER_S = "throughput/tokens_per_s"  # all processes together, per log interval
+TAG_SKIPPED_STEPS = "train/skipped_steps"  # written only when a step was skipped
+TAG_TOKENS_SEEN = "train/tokens"  # tokens trained on so far (all processes)
+TAG_PEAK_MEMORY = "memory/peak_bytes"  # peak so far: max RSS on CPU, peak allocated on GPUs (rank 0)
+TAG_PARAMETERS = "model/parameters"
+# The final metrics, written once at the end of a run into the HPARAMS tab (and as scalars of the same name).
+HPARAM_FINAL_VAL_LOSS = "hparam/final_val_loss"  # whole val split
+# Of the invocation that finished the run (a resumed run's comparison sums the invocations from their events).
+HPARAM_TOKENS_PER_S = "hparam/tokens_per_s"  # median over the log intervals
+HPARAM_WALL_TIME = "hparam/wall_time_s"  # from the TensorBoard writer's start to the end of the run
+HPARAM_PEAK_MEMORY = "hparam/peak_memory_bytes"
+
+
+def final_metrics(final_val_loss: float | None, tokens_per_s: list[float], started: float,
+                  peak_memory: int | None, now: float | None = None) -> dict[str, float]:
+    """The HPARAMS metrics of a finished run; a metric the run could not measure is left out, not invented.
+
+    The median of the per-interval throughputs, because the first interval carries the start-up (compilation,
+    warm caches) and a mean would let it drag the figure down. `started` is a `time.time()` (the writer's start,
+    `TensorBoard.started`), so that the wall time spans the same events a comparison reads.
+    """
+    wall = (time.time() if now is None else now) - started
+    metrics = {HPARAM_FINAL_VAL_LOSS: final_val_loss, HPARAM_WALL_TIME: wall,
+               HPARAM_TOKENS_PER_S: statistics.median(tokens_per_s) if tokens_per_s else None,
+               HPARAM_PEAK_MEMORY: None if peak_memory is None else float(peak_memory)}
+    return {tag: float(value) for tag, value in metrics.items() if value is not None}
+
+
+def format_bytes(n: float | None) -> str:
+    """1536 -> '1.5 KiB'; None -> '—' (not measured)."""
+    if n is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover - the loop always returns
+
+
 def attention_tag(layer: int, head: int | str) -> str:
     """The TensorBoard tag of one attention heat map (`head="all"`: the layer's grid)."""
     return f"attn/layer{layer}/{'all' if head == 'all' else f'head{head}'}"
@@ -123,6 +167,7 @@ class TensorBoard:
 
     def __init__(self, log_dir: Path, enabled: bool = True) -> None:
         self.writer = None
+        self.started = time.time()  # when the events file opens: a run's wall time counts from here
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -164,6 +209,12 @@ class TensorBoard:
             self.writer.file_writer.add_summary(summary)
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value)
+
+    def write_final_metrics(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The run's final metrics (`final_metrics`) into the HPARAMS tab, beside its flattened config, so that
+        TensorBoard's table of runs shows what `python -m gptmini.compare` reports."""
+        if metrics:
+            self.hparams(config, metrics)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -31,6 +31,7 @@ GENERATE = [sys.executable, str(ROOT / "generate.py")]
 DATA = [sys.executable, "-m", "gptmini.data"]
 EVALUATE = [sys.executable, "-m", "gptmini.evaluate"]
 EXPORT = [sys.executable, "-m", "gptmini.export"]
+COMPARE = [sys.executable, "-m", "gptmini.compare"]
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "train.max_iters=2",
         "train.batch_size=2", "train.eval_interval=0", "train.attn_interval=0", "train.sample_tokens=0",
         "train.final_eval=false", "train.device=cpu"]
@@ -215,6 +216,17 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("generate: attention_tb below a file", [*gen, f"attention_tb={root / 'notes.txt' / 'tb'}"],
          "which is a file"),
         ("generate: num_samples beyond memory", [*gen, "num_samples=1000000000"], "num_samples=1000000000 needs"),
+        ("compare: a folder that holds no run", [*COMPARE, str(root / "conf")], "conf' is not a run directory"),
+        ("compare: a file", [*COMPARE, str(run), str(root / "notes.txt")], "notes.txt' is not a run directory"),
+        ("compare: missing path", [*COMPARE, str(root / "nowhere")], "nowhere' does not exist"),
+        ("compare: glob matching nothing", [*COMPARE, str(root / "zz*")], "zz*' matches nothing"),
+        ("compare: no paths", COMPARE, "name the runs to compare"),
+        ("compare: baseline naming no group", [*COMPARE, str(run), "baseline=gqa"], "baseline='gqa' names no group"),
+        ("compare: out is a file", [*COMPARE, str(run), f"out={root / 'notes.txt'}"], "is a file, not a directory"),
+        ("compare: out in a run's checkpoints", [*COMPARE, str(run), f"out={run / 'checkpoints'}"],
+         "lies in a run's checkpoints folder"),
+        ("compare: target not a number", [*COMPARE, str(run), "target=low"], "target=low"),
+        ("compare: target nan", [*COMPARE, str(run), "target=nan"], "target=nan must be a finite number"),
     ]
 
 

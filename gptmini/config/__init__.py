@@ -392,6 +392,20 @@ class ExportConfig:
         check_choice("dtype", self.dtype, DTYPE_NAMES)
 
 
+@dataclass
+class CompareConfig:
+    """What `python -m gptmini.compare PATH...` reads: the runs (bare arguments become `paths`), what to measure."""
+
+    paths: list[str] = field(default_factory=list)  # run directories, sweep directories or globs of them
+    target: float | None = None  # also report each run's time to reach this val loss
+    baseline: str | None = None  # the group p-values are computed against (its label, a key=value, or a value)
+    out: str = "."  # folder for comparison.md, comparison.csv, comparison.png (default: the current folder)
+
+    def __post_init__(self) -> None:
+        if self.target is not None and not math.isfinite(self.target):
+            raise ValueError(f"target={self.target} must be a finite number (a val loss)")
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent; only entry points and tests call it)."""
     from hydra.core.config_store import ConfigStore
@@ -402,3 +416,4 @@ def register_configs() -> None:
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="compare_schema", node=CompareConfig)
