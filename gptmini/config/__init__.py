@@ -4,7 +4,8 @@ Plain dataclasses, importable and usable without Hydra. `register_configs()` reg
 ConfigStore as schemas, so a wrong key or a wrong type in a YAML file or on the command line fails when the
 config is composed, before any work starts. Each dataclass checks what it can judge alone when it is built;
 what needs a registry (attention variants, pretrained weights) is checked above, in gptmini.config_checks.
-`values` holds the lists of valid values and the one-line checks against them.
+`values` holds the lists of valid values and the one-line checks against them; `tools` the settings of the
+commands that read runs without training them (export, compare).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from gptmini.config.tools import CompareConfig, ExportConfig  # noqa: F401  (gptmini.config's names too)
 from gptmini.config.values import (  # noqa: F401  (the lists and checks are gptmini.config's public names too)
     DEVICES,
     DTYPE_NAMES,
@@ -378,32 +380,6 @@ class EvaluateConfig:
     data: DataConfig | None = None  # default: the data the checkpoint was trained on
     data_dir: str | None = None  # default: the checkpoint's data_dir
     eval: EvalOptions = field(default_factory=EvalOptions)
-
-
-@dataclass
-class ExportConfig:
-    """Everything `python -m gptmini.export` reads: a checkpoint and the Hugging Face folder to write."""
-
-    ckpt: str = "???"  # a run directory (its best checkpoint, else its last) or a checkpoint file
-    out: str = "???"  # a new (or empty) folder
-    dtype: str = "float32"  # of the tensors in model.safetensors: float32 | bfloat16 | float16
-
-    def __post_init__(self) -> None:
-        check_choice("dtype", self.dtype, DTYPE_NAMES)
-
-
-@dataclass
-class CompareConfig:
-    """What `python -m gptmini.compare PATH...` reads: the runs (bare arguments become `paths`), what to measure."""
-
-    paths: list[str] = field(default_factory=list)  # run directories, sweep directories or globs of them
-    target: float | None = None  # also report each run's time to reach this val loss
-    baseline: str | None = None  # the group p-values are computed against (its label, a key=value, or a value)
-    out: str = "."  # folder for comparison.md, comparison.csv, comparison.png (default: the current folder)
-
-    def __post_init__(self) -> None:
-        if self.target is not None and not math.isfinite(self.target):
-            raise ValueError(f"target={self.target} must be a finite number (a val loss)")
 
 
 def register_configs() -> None:
