@@ -30,7 +30,7 @@ import torch
 from gptmini import data as data_lib
 from gptmini.checkpoint import BEST, LAST, checkpoint_dir, rng_state, save_checkpoint, set_rng_state
 from gptmini.config import RunConfig
-from gptmini.device import flops_per_token, mfu, peak_flops
+from gptmini.device import flops_per_token, mfu, peak_flops, peak_memory_bytes, reset_peak_memory
 from gptmini.distributed import (
     all_reduce_mean,
     barrier,
@@ -43,7 +43,21 @@ from gptmini.distributed import (
 from gptmini.evaluate import evaluate_split
 from gptmini.paths import CONFIG_FILE
 from gptmini.run_lock import RunDirLocked, run_dir_lock
-from gptmini.run_log import TensorBoard, progress_bar, run_outputs, to_yaml
+from gptmini.run_log import (
+    TAG_PARAMETERS,
+    TAG_PEAK_MEMORY,
+    TAG_SKIPPED_STEPS,
+    TAG_TOKENS_PER_S,
+    TAG_TOKENS_SEEN,
+    TAG_TRAIN_LOSS,
+    TAG_VAL_LOSS,
+    TensorBoard,
+    final_metrics,
+    format_bytes,
+    progress_bar,
+    run_outputs,
+    to_yaml,
+)
 from gptmini.run_setup import RunParts, TrainingError, build_run
 from gptmini.sampling import generate
 from gptmini.train_step import Batches, StepResult, StepStats, Trainer
@@ -107,6 +121,8 @@ class TrainingRun:
         self.peak = peak_flops(hw.info.name, hw.dtype)
         self.window_time, self.window_steps = 0.0, 0  # training time since the last log line
         self.reported_skipped, self.last_look = 0, 0  # skipped steps already reported, and when they were counted
+        self.tokens_per_s: list[float] = []  # each log interval's throughput: the final metrics take the median
+        reset_peak_memory(hw.device)  # the run's peak memory, not that of the data preparation before it
 
     def run(self) -> TrainResult:
         self.restore()
@@ -126,10 +142,10 @@ class TrainingRun:
                 stopped = self.agree_to_stop(stop["stop"]) or result.step == stop_step < t.max_iters
                 if self.work_due(result.step, stopped):
                     self.after_step(result, bar, stopped)
-        final = None if stopped else self.final_evaluation()
-        barrier(self.hw.env)
         self.log.info(f"run directory: {self.run_dir} (tensorboard --logdir {self.run_dir}; "
                       f"python generate.py ckpt={self.run_dir})")
+        final = None if stopped else self.final_evaluation()  # its line stays the last: scripts read it
+        barrier(self.hw.env)
         return TrainResult(step=self.trainer.step, final_val_loss=final, best_val_loss=self.best_val,
                            skipped_steps=self.trainer.skipped, run_dir=self.run_dir)
 
@@ -158,6 +174,7 @@ class TrainingRun:
         n_params = self.model.num_parameters()
         self.log.info(f"run directory: {self.run_dir}")
         self.log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={self.model_cfg.attention.name}")
+        self.tb.scalars({TAG_PARAMETERS: n_params}, self.trainer.step)
         self.tb.text("system/backend", f"{self.hw.info.backend}; dtype {self.hw.dtype}; torch {torch.__version__}; "
                      f"{self.hw.env.world_size} process(es)", self.trainer.step, code=False)
         if self.parts.kernel is not None:
@@ -193,7 +210,7 @@ class TrainingRun:
         if new > 0:
             self.log.warning(f"steps {self.last_look + 1}-{step}: {new} had a non-finite loss or gradient norm and "
                              f"were skipped ({stats.skipped} in all)")
-            self.tb.scalars({"train/skipped_steps": stats.skipped}, step)
+            self.tb.scalars({TAG_SKIPPED_STEPS: stats.skipped}, step)
         self.last_look = step
         if stats.longest_bad_run >= self.t.max_bad_steps:
             raise TrainingError(f"{stats.longest_bad_run} non-finite steps in a row by step {step} "
@@ -206,16 +223,19 @@ class TrainingRun:
         tok_s = self.tokens_per_step / max(per_step, 1e-9)
         util = mfu(tok_s / self.hw.env.world_size, self.flops_token, self.peak)
         self.window_time, self.window_steps = 0.0, 0
+        self.tokens_per_s.append(tok_s)
+        peak = peak_memory_bytes(self.hw.device)
         bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tok_s:,.0f}")
         self.log.info(
             f"step {result.step}/{self.t.max_iters}: loss {stats.loss:.4f}, lr {result.lr:.3e}, "
-            f"{per_step * 1e3:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {'n/a' if util is None else f'{util:.1%}'}",
+            f"{per_step * 1e3:.1f} ms/step, {tok_s:,.0f} tok/s, MFU {'n/a' if util is None else f'{util:.1%}'}, "
+            f"peak memory {format_bytes(peak)}",
             extra={"step_line": True},
         )
         self.tb.scalars(
-            {"loss/train": stats.loss, "lr": result.lr, "grad_norm": stats.grad_norm,
-             "throughput/tokens_per_s": tok_s, "throughput/tokens_per_s_per_device": tok_s / self.hw.env.world_size,
-             "mfu": util},
+            {TAG_TRAIN_LOSS: stats.loss, "lr": result.lr, "grad_norm": stats.grad_norm,
+             TAG_TOKENS_PER_S: tok_s, "throughput/tokens_per_s_per_device": tok_s / self.hw.env.world_size,
+             "mfu": util, TAG_PEAK_MEMORY: peak, TAG_TOKENS_SEEN: result.step * self.tokens_per_step},
             result.step,
         )
 
@@ -223,7 +243,7 @@ class TrainingRun:
         losses = {split: self.estimate_loss(tokens) for split, tokens in
                   (("train", self.data.train), ("val", self.data.val))}
         self.log.info(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        self.tb.scalars({"loss/train_eval": losses["train"], "loss/val": losses["val"]}, step)
+        self.tb.scalars({"loss/train_eval": losses["train"], TAG_VAL_LOSS: losses["val"]}, step)
         val = losses["val"]
         if math.isfinite(val) and (self.best_val is None or val < self.best_val):
             self.best_val = val
@@ -307,6 +327,7 @@ class TrainingRun:
 
     def final_evaluation(self) -> float | None:
         if not self.t.final_eval:
+            self.write_final_metrics(None)
             return None
         window = self.t.eval_window or self.model_cfg.block_size
         self.log.info(f"final evaluation: the whole val split ({len(self.data.val):,} tokens) in windows of {window}")
@@ -317,9 +338,16 @@ class TrainingRun:
             self.log.info(f"final evaluation interrupted; the checkpoints are saved (last.pt at step "
                           f"{self.last_saved}); measure later with: python -m gptmini.evaluate ckpt={self.run_dir}")
             raise
-        self.tb.hparams(self.full_config, {"hparam/final_val_loss": final})
+        self.write_final_metrics(final)
         self.log.info(f"final val loss {final:.4f} (whole split, window {window})")
         return final
+
+    def write_final_metrics(self, final: float | None) -> None:
+        """Final val loss, median tokens/s, wall time and peak memory into the HPARAMS tab; peak memory to train.log."""
+        peak = peak_memory_bytes(self.hw.device)
+        self.tb.write_final_metrics(self.full_config, final_metrics(final, self.tokens_per_s, self.tb.started, peak))
+        what = "max RSS" if self.hw.device.type == "cpu" else "peak allocated"
+        self.log.info(f"peak memory {format_bytes(peak)} ({what})")
 
 
 @contextlib.contextmanager
