@@ -93,11 +93,13 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
     if not 1 <= window <= block_size:
         raise ValueError(f"eval.window={window} must be between 1 and the model's block_size={block_size}")
 
+    if data_dir is None:
+        data_dir = saved.get("data_dir", "data")
     if data_cfg is None:  # fall back on what the checkpoint was trained with
         known = {f.name for f in dataclasses.fields(DataConfig)}
         data_cfg = DataConfig(**{k: v for k, v in saved.get("data", {}).items() if k in known})
-    if data_dir is None:
-        data_dir = saved.get("data_dir", "data")
+    else:
+        data_cfg = other_text(data_cfg, data_dir, tokenizer, saved)
     prepared = data_lib.prepare(data_cfg, data_dir, accept=lambda p: check_eval_data(p, tokenizer, data_cfg,
                                                                                     data_dir, opts.split))
     tokens = prepared.val_tokens() if opts.split == "val" else prepared.train_tokens()
@@ -110,6 +112,24 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
             f"{result.positions:,} positions; {path})\n"
         )
     return result
+
+
+def other_text(data_cfg: DataConfig, data_dir: str, tokenizer: Tokenizer, saved: dict) -> DataConfig:
+    """The data a user named, to be measured with the checkpoint's own tokenizer: a char model reads other text
+    through its training vocabulary (characters it never saw are an error naming them). Preparing other text into
+    the folder of the run's own training data would replace that data: refused, naming the fix."""
+    trained, trained_dir = saved.get("data", {}), saved.get("data_dir", "data")
+    corpus = ("source", "path", "url", "hub_name", "hub_subset")
+    if data_cfg.name == trained.get("name") and str(data_dir) == str(trained_dir) and \
+            any(getattr(data_cfg, k) != trained.get(k) for k in corpus):
+        raise ValueError(
+            f"data.name={data_cfg.name!r} in data_dir={str(data_dir)!r} holds the data this checkpoint was trained "
+            f"on; preparing other text there would replace it: add data.name=<another name>"
+        )
+    spec = tokenizer.spec()
+    if spec["kind"] == "char" and data_cfg.tokenizer == "char":
+        return dataclasses.replace(data_cfg, vocabulary=spec["chars"])
+    return data_cfg
 
 
 def check_eval_data(prepared: data_lib.PreparedData, tokenizer: Tokenizer, data_cfg: DataConfig, data_dir: str,

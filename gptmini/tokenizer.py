@@ -257,8 +257,11 @@ def _published_encoding(raw: bytes, ranks: dict[bytes, int]) -> dict[str, Any] |
         public.load_tiktoken_bpe = loader
 
 
-def build_tokenizer(kind: str, encoding: str = "gpt2", texts: Iterable[str] | None = None) -> Tokenizer:
-    """The tokenizer a dataset config asks for; `char` builds its vocabulary from `texts`."""
+def build_tokenizer(kind: str, encoding: str = "gpt2", texts: Iterable[str] | None = None,
+                    chars: str | None = None) -> Tokenizer:
+    """The tokenizer a dataset config asks for; `char` takes `chars` as its vocabulary, or builds one from `texts`."""
+    if kind == "char" and chars is not None:
+        return CharTokenizer(chars)
     if kind == "char":
         if texts is None:
             raise TokenizerError("the char tokenizer needs the corpus to build its vocabulary")

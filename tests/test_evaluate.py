@@ -100,8 +100,12 @@ def test_bad_window_and_foreign_data_are_refused(trained, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("completely different letters: XYZ QWJ 0123456789 " * 40)
     foreign = DataConfig(name="other", source="files", path=str(other), tokenizer="char")
-    with pytest.raises(ValueError, match="tokenized differently from the checkpoint's tokenizer"):
+    with pytest.raises(ValueError, match="character\\(s\\) not in the char vocabulary"):  # read with the model's
         run_evaluation(EvaluateConfig(ckpt=str(tmp / "run"), data=foreign, data_dir=str(tmp_path / "data"),
+                                      eval=EvalOptions(device="cpu")), stream=None)
+    as_bytes = DataConfig(name="other", source="files", path=str(other), tokenizer="bytes")
+    with pytest.raises(ValueError, match="tokenized differently from the checkpoint's tokenizer"):
+        run_evaluation(EvaluateConfig(ckpt=str(tmp / "run"), data=as_bytes, data_dir=str(tmp_path / "data"),
                                       eval=EvalOptions(device="cpu")), stream=None)
     with pytest.raises(ValueError, match="eval.split='test' is unknown; valid: val, train"):
         run_evaluation(EvaluateConfig(ckpt=str(tmp / "run"), eval=EvalOptions(split="test")), stream=None)

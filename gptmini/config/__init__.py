@@ -267,6 +267,7 @@ class DataConfig:
     streaming: bool = False  # hub: stream instead of downloading the whole dataset first
     max_tokens: int | None = None  # stop after this many tokens (streamed corpora)
     tokenizer: str = "char"  # char | bytes | tiktoken
+    vocabulary: str | None = None  # char: these characters instead of the corpus's (evaluate sets a checkpoint's)
     encoding: str = "gpt2"  # tiktoken: an encoding name or a local .tiktoken file
     val_fraction: float = 0.1
     # auto: by document when there are several (val is text the model never saw), else by position

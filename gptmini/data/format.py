@@ -94,7 +94,10 @@ def meta_value(folder: Path, key: str) -> Any:
 
 def tokenizer_request(cfg: DataConfig) -> dict[str, Any]:
     """The tokenizer `cfg` asks for, as far as it is known before the corpus is read."""
-    return {"kind": cfg.tokenizer, "encoding": cfg.encoding if cfg.tokenizer == "tiktoken" else None}
+    request = {"kind": cfg.tokenizer, "encoding": cfg.encoding if cfg.tokenizer == "tiktoken" else None}
+    if cfg.tokenizer == "char" and cfg.vocabulary is not None:  # only when given: other fingerprints stay as they were
+        request["chars"] = cfg.vocabulary
+    return request
 
 
 def check_prepared(folder: Path, meta: dict[str, Any], expect_tokenizer: DataConfig | None = None) -> Tokenizer:
@@ -126,7 +129,10 @@ def check_prepared(folder: Path, meta: dict[str, Any], expect_tokenizer: DataCon
 def _check_tokenizer_asked(folder: Path, meta: dict[str, Any], cfg: DataConfig, damaged: str) -> None:
     asked = tokenizer_request(cfg)
     held = {"kind": meta["tokenizer"]["kind"], "encoding": meta["tokenizer"].get("encoding")}
-    if asked["kind"] != held["kind"] or (asked["kind"] == "tiktoken" and asked["encoding"] != held["encoding"]):
+    if "chars" in asked:
+        held["chars"] = meta["tokenizer"].get("chars")
+    if asked["kind"] != held["kind"] or (asked["kind"] == "tiktoken" and asked["encoding"] != held["encoding"]) \
+            or asked.get("chars", held.get("chars")) != held.get("chars"):
         raise DataError(
             f"{str(folder)!r} was prepared with tokenizer {held} but {asked} was asked for; "
             f"{damaged}, or set data.name to another folder"

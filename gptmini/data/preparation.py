@@ -240,8 +240,9 @@ def _tokenize_corpus(cfg: DataConfig, ds) -> tuple[Tokenizer, str, str, Any]:
     streaming = not hasattr(ds, "__len__")
     if not streaming and len(ds) == 0:
         raise DataError(f"the corpus ({source_label(cfg)}) has no documents")
-    texts = ds["text"] if cfg.tokenizer == "char" else None  # the char vocabulary needs the corpus
-    tokenizer = build_tokenizer(cfg.tokenizer, cfg.encoding, texts=texts)
+    # The char vocabulary needs the corpus, unless it is given (data.vocabulary).
+    texts = ds["text"] if cfg.tokenizer == "char" and cfg.vocabulary is None else None
+    tokenizer = build_tokenizer(cfg.tokenizer, cfg.encoding, texts=texts, chars=cfg.vocabulary)
     dtype = _token_dtype(cfg, tokenizer.vocab_size)
     mode = cfg.split if cfg.split != "auto" else ("position" if not streaming and len(ds) == 1 else "document")
     if streaming and mode == "position":
