@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,7 +30,6 @@ from torch import Tensor
 from gptmini.config import PRETRAINED_NAMES, AttentionConfig, ModelConfig
 from gptmini.finite import check_finite_weights
 from gptmini.gpt2_format import (
-    ACTIVATIONS,
     GPT2_POSITIONS,
     GPT2_VOCAB,
     expected_shapes,
@@ -40,6 +38,15 @@ from gptmini.gpt2_format import (
     is_gpt2_tokenizer,
     key_map,
 )
+from gptmini.hf_folder import (
+    WEIGHT_FILES,
+    PretrainedError,
+    brief,
+    check_weight_room,
+    hf_model_config,
+    read_hf_config,
+    read_hf_weights,
+)
 from gptmini.model import GPT
 from gptmini.tokenizer import TiktokenTokenizer
 
@@ -47,21 +54,7 @@ HUB_REPOS = {name: f"openai-community/{name}" for name in PRETRAINED_NAMES}
 # What a snapshot needs (the hub repos also hold TF, Flax, ONNX and Rust copies, gigabytes we never read).
 HUB_PATTERNS = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                 "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]
-WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
-                ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers old transformers versions saved
-
-
-class PretrainedError(ValueError):
-    """A pretrained reference that cannot be resolved, read or served; always one line."""
-
-
-def brief(err: BaseException, limit: int = 160) -> str:
-    """An exception as `Type: message` on one line, cut at a word boundary (library messages run for lines)."""
-    text = " ".join(str(err).split())
-    if len(text) > limit:
-        text = text[:limit].rsplit(" ", 1)[0] + " ..."
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,93 +119,6 @@ def _from_hub(name: str, key: str, cache_dir: str | Path | None, download: bool)
     )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reading config and weights
-
-
-def read_hf_config(folder: Path, where: str) -> dict[str, Any]:
-    """config.json as a dict; one line when it is unreadable or not GPT-2's."""
-    try:
-        hf = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise PretrainedError(f"{where}: config.json is unreadable ({type(err).__name__}: {err})") from None
-    if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
-        found = hf.get("model_type") if isinstance(hf, dict) else type(hf).__name__
-        raise PretrainedError(f"{where}: config.json describes model_type={found!r}, not gpt2; only GPT-2 loads")
-    return hf
-
-
-def hf_model_config(hf: Mapping[str, Any], where: str, attention: AttentionConfig | None = None) -> ModelConfig:
-    """The gptmini ModelConfig of a GPT-2 config.json, refusing (one line) any setting gptmini cannot reproduce."""
-    eps = hf.get("layer_norm_epsilon", 1e-5)
-    refusals = [
-        (hf.get("activation_function", "gelu_new") not in ACTIVATIONS,
-         f"activation_function={hf.get('activation_function')!r} (gptmini has {', '.join(ACTIVATIONS)})"),
-        (not isinstance(eps, (int, float)) or not math.isclose(eps, 1e-5, rel_tol=1e-6),
-         f"layer_norm_epsilon={eps!r} (gptmini's layer norms use 1e-5)"),
-        (hf.get("tie_word_embeddings", True) is not True, "tie_word_embeddings=false (gptmini ties the LM head)"),
-        (hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)), f"n_inner={hf.get('n_inner')} (gptmini: 4*n_embd)"),
-        (hf.get("scale_attn_weights", True) is not True, "scale_attn_weights=false (gptmini scales by 1/sqrt(hd))"),
-        (hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=true"),
-        (hf.get("add_cross_attention", False), "add_cross_attention=true"),
-    ]
-    for refused, what in refusals:
-        if refused:
-            raise PretrainedError(f"{where}: config.json sets {what}; gptmini cannot reproduce this GPT-2")
-    try:
-        return ModelConfig(
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
-            vocab_size=hf["vocab_size"], dropout=0.0, bias=True, pos_encoding="learned",
-            attention=attention or AttentionConfig(), mlp=ACTIVATIONS[hf.get("activation_function", "gelu_new")],
-        )
-    except KeyError as err:
-        raise PretrainedError(f"{where}: config.json lacks {err.args[0]!r}") from None
-    except ValueError as err:
-        raise PretrainedError(f"{where}: config.json does not make a valid model ({err})") from None
-
-
-def read_hf_weights(folder: Path, where: str) -> dict[str, Tensor]:
-    """All tensors of the folder: model.safetensors (or its shards), else pytorch_model.bin (or its shards)
-    through `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers."""
-    for single, index in WEIGHT_FILES:
-        if (folder / single).is_file():
-            files = [folder / single]
-        elif (folder / index).is_file():
-            files = _shards(folder, index, where)
-        else:
-            continue
-        tensors: dict[str, Tensor] = {}
-        for path in files:
-            tensors.update(_read_tensor_file(path, where))
-        return tensors
-    raise PretrainedError(f"{where}: no model.safetensors or pytorch_model.bin; not a Hugging Face GPT-2 folder")
-
-
-def _shards(folder: Path, index: str, where: str) -> list[Path]:
-    try:
-        weight_map = json.loads((folder / index).read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise PretrainedError(f"{where}: {index} is unreadable ({type(err).__name__})") from None
-    if any(not isinstance(n, str) or Path(n).name != n for n in names):  # shards live beside the index, nowhere else
-        raise PretrainedError(f"{where}: {index} names shard files outside the folder")
-    return [folder / n for n in names]
-
-
-def _read_tensor_file(path: Path, where: str) -> dict[str, Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated file, a foreign pickle weights_only refuses, ...
-        raise PretrainedError(f"{where}: cannot read {path.name} as tensors ({brief(err)})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise PretrainedError(f"{where}: {path.name} does not hold a flat state dict of tensors")
-    return state
-
-
 def hf_to_canonical(tensors: Mapping[str, Tensor], cfg: ModelConfig, where: str) -> dict[str, Tensor]:
     """Hugging Face GPT-2 tensors -> a state dict `GPT(cfg).load_state_dict` takes (Conv1D transposed, the tied
     head pointing at wte, mask buffers dropped); one line for a missing, unexpected or misshapen tensor."""
@@ -252,6 +158,7 @@ def _load_folder(folder: Path, where: str, attention: AttentionConfig | None) ->
     if refusal is not None:
         raise PretrainedError(f"{where} cannot run with {refusal[0]}: GPT-2 {refusal[1]}")
     tensors = read_hf_weights(folder, where)
+    check_weight_room(cfg, tensors, where)
     check_finite_weights(tensors, where)
     return cfg, hf_to_canonical(tensors, cfg, where)
 
