@@ -47,14 +47,21 @@ def run_reporting_errors(fn: Callable[[], T]) -> T:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        report(f"error: {message}")
         sys.exit(2)
     except KeyboardInterrupt as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         terminated = isinstance(err, Terminated)
-        print(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        report(f"error: {'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'}")
         sys.exit(143 if terminated else 130)
+
+
+def report(line: str) -> None:
+    """An error line on stderr, from one process: under torchrun every rank meets the same bad setting, and the
+    user should read it once (rank 0 speaks; the others exit with the same code, silently)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
 
 
 class Terminated(KeyboardInterrupt):
@@ -138,8 +145,8 @@ class Sweep:
             return
         if self.dir is not None:
             remove_if_empty([self.dir])  # every job refused: no empty sweep folder either
-        print(f"error: {len(self.refused)} of {self.jobs} sweep jobs refused, the others ran; "
-              + "; ".join(self.refused), file=sys.stderr)
+        report(f"error: {len(self.refused)} of {self.jobs} sweep jobs refused, the others ran; "
+               + "; ".join(self.refused))
         sys.exit(2)
 
 
@@ -196,7 +203,7 @@ def check_overrides(config_name: str, argv: list[str]) -> list[Path]:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
-        print(f"error: {one_line(str(err) + cause)}", file=sys.stderr)
+        report(f"error: {one_line(str(err) + cause)}")
         sys.exit(2)
 
 
