@@ -162,6 +162,7 @@ def export_hf(model: GPT, tokenizer_spec: Mapping[str, Any] | None, out: str | P
 
     Everything is written into a hidden folder beside `out` and renamed into place at the end, so `out` is either
     complete or absent; `dtype` (default: the model's) is the tensors' dtype in the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -185,6 +186,10 @@ def export_hf(model: GPT, tokenizer_spec: Mapping[str, Any] | None, out: str | P
         if out.is_dir():
             out.rmdir()
         tmp.rename(out)
+    except (OSError, SafetensorError) as err:  # a full disk or quota: one line, and nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(err, "strerror", None) or " ".join(str(err).split())
+        raise ValueError(f"out={str(out)!r} could not be written ({reason}); nothing was left there") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

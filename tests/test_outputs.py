@@ -140,3 +140,22 @@ def test_sigterm_during_an_export_leaves_no_temporary_folder(tmp_path):
     assert proc.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from test_export import tiny_gpt
+
+    from gptmini import export
+
+    real, calls = export._write_json, []
+
+    def fills_the_disk(path, data):
+        calls.append(path)
+        if len(calls) == 2:  # after config.json and the weights: generation_config.json finds the disk full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(export, "_write_json", fills_the_disk)
+    with pytest.raises(ValueError, match=r"^out='.*hf' could not be written \(No space left on device\); nothing "):
+        export.export_hf(tiny_gpt(vocab_size=64), None, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
