@@ -33,7 +33,11 @@ def setup_logger(run_dir: Path, name: str = "gptmini") -> logging.Logger:
     logger.propagate = False
     if not logger.handlers:
         run_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(run_dir / LOG_FILE)
+        try:
+            file_handler = logging.FileHandler(run_dir / LOG_FILE)
+        except OSError as err:  # read-only, full, not a file: the run directory is to blame, in one line
+            raise ValueError(f"hydra.run.dir={str(run_dir)!r}: {LOG_FILE} cannot be written ({err.strerror}); make "
+                             f"it writable or choose another hydra.run.dir") from None
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         console = BarSafeHandler(sys.stderr)
         console.addFilter(lambda record: not getattr(record, "step_line", False))

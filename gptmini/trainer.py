@@ -41,7 +41,7 @@ from gptmini.distributed import (
     init_process_group,
 )
 from gptmini.evaluate import evaluate_split
-from gptmini.paths import CONFIG_FILE
+from gptmini.paths import CONFIG_FILE, write_atomic
 from gptmini.run_lock import RunDirLocked, run_dir_lock
 from gptmini.run_log import (
     TAG_PARAMETERS,
@@ -170,7 +170,7 @@ class TrainingRun:
 
     def write_header(self) -> None:
         if self.hw.env.is_main:
-            (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.full_config))
+            write_atomic(self.run_dir / CONFIG_FILE, to_yaml(self.full_config).encode(), "hydra.run.dir")
         n_params = self.model.num_parameters()
         self.log.info(f"run directory: {self.run_dir}")
         self.log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={self.model_cfg.attention.name}")

@@ -56,3 +56,26 @@ def test_log_lines_are_written_around_a_live_progress_bar():
     finally:
         logger.removeHandler(handler)
     assert rendered_line(stream.getvalue(), "val loss") == "step 5: val loss 1.2345"
+
+
+def test_an_unwritable_train_log_or_config_is_one_line(tmp_path, monkeypatch):
+    """As root, a chmod is no obstacle: the OS's refusal is simulated where the files are opened."""
+    import pytest
+
+    from gptmini import paths, run_log
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog.\n" * 200)
+    cfg = make_config(corpus, tmp_path / "data", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+                      "model.block_size=16", "train.max_iters=2", "train.final_eval=false")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_log.logging, "FileHandler", read_only)
+    with pytest.raises(ValueError, match=r"hydra.run.dir=.*: train.log cannot be written \(Permission denied\)"):
+        train(cfg, tmp_path / "run1")
+    monkeypatch.undo()
+    monkeypatch.setattr(paths.tempfile, "mkstemp", read_only)
+    with pytest.raises(ValueError, match=r"^hydra.run.dir=.*config.yaml' could not be written \(Permission denied\)"):
+        train(cfg, tmp_path / "run2")
