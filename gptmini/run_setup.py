@@ -19,6 +19,7 @@ import torch
 from gptmini import data as data_lib
 from gptmini.attention import ATTENTION_REGISTRY
 from gptmini.checkpoint import (
+    CheckpointError,
     check_compatible,
     check_tokenizer,
     checkpoint_dir,
@@ -105,7 +106,7 @@ def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
         check_compatible(resume, model_cfg, data.tokenizer.spec(), cfg.optim)
         notes.append(f"resumed from {resume_from} at step {resume['step']}")
         notes += resume_changes(resume, cfg)
-        model.load_state_dict(resume["model"])
+        load_weights(model, resume["model"], resume_from)
     elif model_cfg.init_from is not None:
         notes.append(f"initialised from pretrained GPT-2 weights: {model_cfg.init_from}")
     kernel = probe_kernel(model, model_cfg, hw) if wants_kernel_probe(hw.device) else None
@@ -206,10 +207,30 @@ def read_resume(path: Path | None, env: DistEnv) -> dict[str, Any] | None:
     return broadcast(_load_finite(path) if env.is_main else None, env)
 
 
+RESUME_KEYS = {"model": dict, "optimizer": dict, "step": int, "config": dict, "scaler": dict, "sampler": dict,
+               "rng": list}
+
+
 def _load_finite(path: Path) -> dict[str, Any]:
+    """The checkpoint to resume, with what resuming reads present and of its kind, and finite weights: a copied
+    or edited file fails here in one line, not deep in the restore with a KeyError."""
     state = load_checkpoint(path)
+    bad = next((k for k, kind in RESUME_KEYS.items() if not isinstance(state.get(k), kind)), None)
+    if bad is not None:
+        raise CheckpointError(f"{str(path)!r} cannot be resumed: its {bad!r} entry is missing or not a "
+                              f"{RESUME_KEYS[bad].__name__}; resume from another checkpoint or train.resume=never")
     check_finite_weights(state["model"], repr(str(path)))  # training never saves such weights; a copied file may
     return state
+
+
+def load_weights(model: GPT, weights: dict[str, Any], path: Path | None) -> None:
+    """The checkpoint's weights into the model its config describes; a tensor of another shape is one line."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{str(path)!r} cannot be resumed: its weights do not fit the model of its own "
+                              f"config ({detail})") from None
 
 
 def check_pretrained_source(cfg: RunConfig) -> None:

@@ -105,3 +105,21 @@ def test_a_longer_run_re_stretches_the_schedule_or_continues_it_when_asked(four_
     assert [lr_at(s, kept) for s in range(4, 8)] == pytest.approx([min_lr] * 4)  # the old schedule's end, kept
     original = make_config(four_steps["corpus"], four_steps["data"], *TINY, "train.max_iters=4", "train.lr=3e-3")
     assert [lr_at(s, kept) for s in range(4)] == [lr_at(s, original) for s in range(4)]
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda s: s.pop("optimizer"), r"its 'optimizer' entry is missing or not a dict"),
+    (lambda s: s.update(step="4"), r"its 'step' entry is missing or not a int"),
+    (lambda s: s["model"].update({"wte.weight": torch.zeros(3, 3)}), r"its weights do not fit the model"),
+])
+def test_a_damaged_checkpoint_is_one_line_on_resume(four_steps, damage, message):
+    from gptmini.checkpoint import save_checkpoint
+
+    last = four_steps["run"] / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state.pop("format"), state.pop("version")
+    damage(state)
+    save_checkpoint(state, last)
+    cfg = make_config(four_steps["corpus"], four_steps["data"], *TINY, "train.max_iters=6")
+    with pytest.raises(CheckpointError, match=rf"last.pt' cannot be resumed: {message}"):
+        train(cfg, four_steps["run"])
