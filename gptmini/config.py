@@ -397,11 +397,13 @@ class GenerateConfig:
     attention_tb: str | None = None  # ... and/or as TensorBoard images into this directory
     attention_layers: list[int] | None = None
     attention_heads: list[int] | None = None
+    attention_scale: str = "row"  # row: each row scaled to its maximum | absolute: the probabilities themselves
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        check_choice("attention_scale", self.attention_scale, ("row", "absolute"))
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature={self.temperature} must be >= 0 and finite (0 is greedy)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -447,6 +449,37 @@ class ExportConfig:
         check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
+@dataclass
+class HeadsOptions:
+    """How `python -m gptmini.heads` probes the heads (the metrics: gptmini.head_metrics)."""
+
+    probe_tokens: int = 128  # tokens per probe row (cut to the model's block_size)
+    probe_rows: int = 4  # rows of validation text, consecutive windows from the split's start
+    induction_len: int | None = None  # random tokens repeated twice for the induction score (default min(32, block/2))
+    induction_batch: int = 4  # rows of repeated random tokens
+    seed: int = 0  # of the random tokens: the same seed, the same probe
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_int("heads.probe_tokens", self.probe_tokens, 2)
+        for name in ("probe_rows", "induction_batch"):
+            check_int(f"heads.{name}", getattr(self, name), 1)
+        check_int("heads.induction_len", self.induction_len, 1, none_ok=True, note=" (min(32, block_size / 2))")
+        check_int("heads.seed", self.seed, 0, MAX_SEED)
+
+
+@dataclass
+class HeadsConfig:
+    """Everything `python -m gptmini.heads` reads: a checkpoint, the probe text, and where the picture goes."""
+
+    ckpt: str = "???"  # a run directory, a checkpoint file, a GPT-2 name or a Hugging Face folder
+    out: str | None = "heads.png"  # the metric grids as one PNG (null: print the table only)
+    prompt: str | None = None  # probe this text instead of the validation split
+    data: DataConfig | None = None  # default: the data the checkpoint was trained on
+    data_dir: str | None = None  # default: the checkpoint's data_dir
+    heads: HeadsOptions = field(default_factory=HeadsOptions)
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent; only entry points and tests call it)."""
     from hydra.core.config_store import ConfigStore
@@ -457,3 +490,4 @@ def register_configs() -> None:
     cs.store(name="prepare_schema", node=PrepareConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="heads_schema", node=HeadsConfig)

@@ -167,7 +167,7 @@ def save_attention(cfg: GenerateConfig, model: GPT, tokenizer: Tokenizer, idx: T
         print(f"note: the attention map shows the prompt's last {model.config.block_size} tokens "
               f"(model.block_size)", file=sys.stderr)
     save_prompt_attention(model, tokenizer, idx, cfg.attention_map, cfg.attention_tb, cfg.attention_layers,
-                          cfg.attention_heads)
+                          cfg.attention_heads, cfg.attention_scale)
 
 
 def sample_rows(cfg: GenerateConfig, model: GPT, tokenizer: Tokenizer, idx: Tensor,
