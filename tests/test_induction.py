@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from gptmini import GPT, ModelConfig
-from gptmini.head_metrics import measure_heads
+from gptmini.head_metrics import induction_tokens, measure_heads
 
 VOCAB, BLOCK = 16, 32
 SPANS = (8, 16)  # span lengths: the period varies, so no fixed positional offset predicts the next token
 STEPS = 1200
+N = 12  # random tokens per copy when measuring
 
 
 class NoMLP(nn.Module):
@@ -36,8 +37,18 @@ def repeated_spans(batch: int, g: torch.Generator) -> torch.Tensor:
 
 def induction_by_layer(model: GPT) -> list[float]:
     probe = torch.arange(BLOCK) % VOCAB  # only the induction score is read; its tokens are its own
-    scores = measure_heads(model, probe, induction_len=12, induction_batch=8, seed=1).scores["induction"]
+    scores = measure_heads(model, probe, induction_len=N, induction_batch=8, seed=1).scores["induction"]
     return scores.amax(dim=1).tolist()  # the best head of each layer
+
+
+@torch.no_grad()
+def layer1_weights_to(model: GPT, offset: int) -> torch.Tensor:
+    """Per layer-1 head (H,), computed here rather than by the library: the mean weight from token i of the
+    second copy (position N + i) to position i + offset of the first, on the library's random tokens."""
+    x = induction_tokens(VOCAB, N, 8, seed=1)  # (8, 2N)
+    w = model(x, return_weights=True).attentions[1]  # (8, H, 2N, 2N)
+    i = torch.arange(N)
+    return w[:, :, N + i, i + offset].mean(dim=(0, 2))
 
 
 @pytest.mark.parametrize("seed", [0])
@@ -65,3 +76,7 @@ def test_a_trained_two_layer_model_forms_an_induction_head(seed):
     # 0.43-0.77 (seed 0: above 0.5); 0.4 is six times chance and clear of every seed tried.
     assert trained[1] > 0.4, (trained, loss.item())
     assert trained[0] < 0.3, trained  # layer 0 alone cannot do it: it has no previous-token information yet
+    to_next, to_same = layer1_weights_to(model, 1), layer1_weights_to(model, 0)
+    assert trained[1] == pytest.approx(to_next.max().item(), abs=1e-5)  # the score is the weight to i + 1
+    best = to_next.argmax()
+    assert to_next[best] > 2 * to_same[best], (to_next, to_same)  # on the next token, not the first occurrence
