@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from gptmini.heatmap import colorize, gradient
 
 BAR_W = 12  # width of the colour bar itself
-SCALE_W = BAR_W + 52  # the bar, a gap and its tick labels
+SCALE_W = BAR_W + 56  # the bar, a gap and its tick labels
 FONT_H = 11
 
 
@@ -31,7 +31,7 @@ def colour_scale(height: int, ticks: list[str], signed: bool = False) -> Image.I
     for i, tick in enumerate(ticks):
         y = FONT_H // 2 + round(i * span / max(len(ticks) - 1, 1))
         draw.line([(BAR_W, y), (BAR_W + 3, y)], fill="black")
-        draw.text((BAR_W + 5, y - FONT_H // 2), tick, fill="black", font=font())
+        draw.text((BAR_W + 8, y - FONT_H // 2), tick, fill="black", font=font())  # apart from the tick mark
     return img
 
 

@@ -23,6 +23,7 @@ while `entropy` and `distance`, which need a distribution, are computed on each 
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -238,7 +239,8 @@ def report_image(report: HeadReport, columns: int = 2) -> Image.Image:
     h = max(t.height for t in tiles) + 12
     rows = -(-len(tiles) // columns)
     found = notable_heads(report)
-    lines = ["notable: " + (", ".join(found) if found else "none above the thresholds")] + report.notes
+    text = ["notable: " + (", ".join(found) if found else "none above the thresholds")] + report.notes
+    lines = [part for line in text for part in textwrap.wrap(line, max(20, columns * w // 6 - 2))]
     img = Image.new("RGB", (columns * w, rows * h + 14 * len(lines) + 6), "white")
     for k, tile in enumerate(tiles):
         img.paste(tile, ((k % columns) * w + 6, (k // columns) * h + 6))
