@@ -169,7 +169,7 @@ def save_attention(cfg: GenerateConfig, model: GPT, tokenizer: Tokenizer, idx: T
         print(f"note: the attention map shows the prompt's last {model.config.block_size} tokens "
               f"(model.block_size)", file=sys.stderr)
     save_prompt_attention(model, tokenizer, idx, cfg.attention_map, cfg.attention_tb, cfg.attention_layers,
-                          cfg.attention_heads)
+                          cfg.attention_heads, cfg.attention_scale)
     for what, where in (("attention map", cfg.attention_map), ("attention maps for TensorBoard", cfg.attention_tb)):
         if where:
             print(f"{what}: {where}", file=sys.stderr)

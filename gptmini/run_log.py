@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from gptmini.heatmap import heatmap, heatmap_grid
+from gptmini.drawing import with_colour_scale
+from gptmini.heatmap import heatmap, heatmap_grid, is_signed
 from gptmini.paths import LOG_FILE
 
 
@@ -193,13 +194,22 @@ class TensorBoard:
         if self.writer is not None:
             self.writer.add_image(tag, image, step, dataformats=dataformats)
 
-    def attention(self, attentions: list[Tensor], step: int) -> None:
-        """Per layer: one image per head `attn/layer{l}/head{h}` and the grid `attn/layer{l}/all`."""
+    def heatmap(self, tag: str, weights: Tensor, step: int, scale: str = "row") -> None:
+        """One head's (Tq, Tk) weights as a heat map with its colour scale on the right (gptmini.heatmap)."""
+        if self.writer is not None:
+            image = with_colour_scale(heatmap(weights, scale=scale), scale, is_signed(weights))  # (h, w, 3)
+            self.image(tag, image, step, dataformats="HWC")
+
+    def attention(self, attentions: list[Tensor], step: int, scale: str = "row") -> None:
+        """Per layer: one image per head `attn/layer{l}/head{h}` and the grid `attn/layer{l}/all`, each with its
+        colour scale; `scale`: `row` (each row divided by its maximum) or `absolute` (the probabilities)."""
         for layer, weights in enumerate(attentions):
             heads = weights[0]  # (H, Tq, Tk) of the first sequence
             for h, w in enumerate(heads):
-                self.image(attention_tag(layer, h), heatmap(w), step)
-            self.image(attention_tag(layer, "all"), heatmap_grid(heads), step)
+                self.heatmap(attention_tag(layer, h), w, step, scale)
+            if self.writer is not None:
+                grid = with_colour_scale(heatmap_grid(heads, scale=scale), scale, is_signed(heads))
+                self.image(attention_tag(layer, "all"), grid, step, dataformats="HWC")
 
     def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
         """Flattened config and final metrics, written into this run's own events file."""

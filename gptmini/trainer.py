@@ -41,6 +41,7 @@ from gptmini.distributed import (
     init_process_group,
 )
 from gptmini.evaluate import evaluate_split
+from gptmini.head_metrics import log_head_diagnostics
 from gptmini.paths import CONFIG_FILE, write_atomic
 from gptmini.run_lock import RunDirLocked, run_dir_lock
 from gptmini.run_log import (
@@ -281,6 +282,7 @@ class TrainingRun:
         attentions = self.model(self.probe[None].to(self.hw.device), return_weights=True).attentions
         self.model.train()
         self.tb.attention([a.float().cpu() for a in attentions], step)
+        log_head_diagnostics(self.tb, self.model, self.probe, step, seed=self.t.seed)  # on every rank (FSDP)
 
     def agree_to_stop(self, asked: bool) -> bool:
         """A signal may reach only some ranks: every rank stops if any was asked to."""

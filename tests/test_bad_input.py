@@ -32,6 +32,7 @@ DATA = [sys.executable, "-m", "gptmini.data"]
 EVALUATE = [sys.executable, "-m", "gptmini.evaluate"]
 EXPORT = [sys.executable, "-m", "gptmini.export"]
 COMPARE = [sys.executable, "-m", "gptmini.compare"]
+HEADS = [sys.executable, "-m", "gptmini.heads"]
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "train.max_iters=2",
         "train.batch_size=2", "train.eval_interval=0", "train.attn_interval=0", "train.sample_tokens=0",
         "train.final_eval=false", "train.device=cpu"]
@@ -227,6 +228,18 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "lies in a run's checkpoints folder"),
         ("compare: target not a number", [*COMPARE, str(run), "target=low"], "target=low"),
         ("compare: target nan", [*COMPARE, str(run), "target=nan"], "target=nan must be a finite number"),
+        ("heads: missing checkpoint", [*HEADS, f"ckpt={root / 'gone'}"], "gone"),
+        ("heads: induction span longer than half the block", [*HEADS, f"ckpt={run}", "heads.induction_len=9"],
+         "heads.induction_len=9 repeated twice is longer than the model's block_size=16"),
+        ("heads: probe of one token", [*HEADS, f"ckpt={run}", "heads.probe_tokens=1"],
+         "heads.probe_tokens=1 must be an integer >= 2"),
+        ("heads: negative seed", [*HEADS, f"ckpt={run}", "heads.seed=-1"], "heads.seed=-1"),
+        ("heads: unknown device", [*HEADS, f"ckpt={run}", "heads.device=tpu"], "heads.device='tpu' is unknown"),
+        ("heads: pretrained weights without probe text", [*HEADS, "ckpt=gpt2"], "no validation text to probe"),
+        ("heads: out onto a run's config", [*HEADS, f"ckpt={run}", f"out={run / 'config.yaml'}"],
+         "is a file of a training run"),
+        ("heads: prompt outside the vocabulary", [*HEADS, f"ckpt={run}", "prompt=QED"], "'Q'"),
+        ("generate: unknown attention_scale", [*gen, "attention_scale=log"], "attention_scale='log' is unknown"),
     ]
 
 

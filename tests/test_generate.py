@@ -24,12 +24,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gptmini import GPT, ModelConfig
 from gptmini.attention import ATTENTION_REGISTRY, weight_compatible_variants
-from gptmini.attention_maps import GAP, MARGIN, MASKED, TITLE_H, render_grid
+from gptmini.attention_maps import GAP, MARGIN, MASKED, TITLE_H, TOP, render_grid
 from gptmini.checkpoint import load_checkpoint, load_for_inference, save_checkpoint
 from gptmini.cli import to_dataclass
 from gptmini.config import AttentionConfig, GenerateConfig, register_configs
+from gptmini.drawing import SCALE_W
 from gptmini.generation import SEPARATOR, Continuation, run_generation
-from gptmini.heatmap import heatmap
+from gptmini.heatmap import colorize, heatmap
 from gptmini.sampling import generate
 from gptmini.tokenizer import ByteTokenizer, CharTokenizer, TokenizerError
 from gptmini.trainer import train
@@ -258,10 +259,11 @@ def test_kv_cache_on_and_off_same_text_within_and_past_block_size(run_dir, tmp_p
 
 def expected_grid(n_tokens: int, n_layers: int, n_heads: int) -> tuple[tuple[int, int], int]:
     """(width, height) of the grid and one map's side, recomputed from the layout rules: every token gets
-    max(12, ceil(256 / T)) pixels (a label's height, and at least 256 px per map); maps in rows of layers."""
+    max(12, ceil(256 / T)) pixels (a label's height, and at least 256 px per map); maps in rows of layers, a
+    colour scale on the right, the key labels (one character per line) on top."""
     px = max(12, math.ceil(256 / n_tokens))
     cell = n_tokens * px
-    return (MARGIN + n_heads * (cell + GAP), MARGIN + n_layers * (cell + TITLE_H + GAP)), cell
+    return (MARGIN + n_heads * (cell + GAP) + SCALE_W, TOP + n_layers * (cell + TITLE_H + GAP)), cell
 
 
 def test_attention_map_png_has_the_grid_of_every_layer_and_head(run_dir, tmp_path):
@@ -280,7 +282,7 @@ def test_attention_map_selection_places_the_chosen_head(run_dir, tmp_path):
     with Image.open(png) as img:
         assert img.size == size
         tile = torch.from_numpy(np.array(img.convert("RGB")))  # (H, W, 3)
-    tile = tile[MARGIN + TITLE_H : MARGIN + TITLE_H + cell, MARGIN : MARGIN + cell]  # (cell, cell, 3)
+    tile = tile[TOP + TITLE_H : TOP + TITLE_H + cell, MARGIN : MARGIN + cell]  # (cell, cell, 3)
     model, tok = load_for_inference(run_dir)[:2]
     with torch.no_grad():
         weights = model(torch.tensor([tok.encode(PROMPT)]), return_weights=True).attentions[1][0, 1]  # (T, T)
@@ -299,9 +301,35 @@ def test_attention_map_selection_places_the_chosen_head(run_dir, tmp_path):
         generate_text(run_dir, "attention_layers=[]", prompt=PROMPT, attention_map=str(png))
 
 
+def test_attention_map_absolute_scale_and_its_colour_scale(run_dir, tmp_path):
+    """attention_scale=absolute draws the probabilities themselves; beside each row of maps a colour bar runs from
+    the map's top colour (1) down to its bottom colour (0)."""
+    png = tmp_path / "abs.png"
+    generate_text(run_dir, prompt=PROMPT, max_new_tokens=1, attention_map=str(png), attention_layers=[0],
+                  attention_heads=[0], attention_scale="absolute")
+    size, cell = expected_grid(len(PROMPT), 1, 1)
+    with Image.open(png) as img:
+        assert img.size == size
+        pixels = torch.from_numpy(np.array(img.convert("RGB")))  # (H, W, 3)
+    model, tok = load_for_inference(run_dir)[:2]
+    with torch.no_grad():
+        weights = model(torch.tensor([tok.encode(PROMPT)]), return_weights=True).attentions[0][0, 0]  # (T, T)
+    expected = (heatmap(weights, min_size=cell, scale="absolute").permute(1, 2, 0) * 255).round().byte()
+    tile = pixels[TOP + TITLE_H : TOP + TITLE_H + cell, MARGIN : MARGIN + cell]
+    keep = torch.ones(len(PROMPT), len(PROMPT), dtype=torch.bool).tril()
+    keep = keep.repeat_interleave(cell // len(PROMPT), 0).repeat_interleave(cell // len(PROMPT), 1)
+    assert torch.equal(tile[keep], expected[keep])
+    assert not torch.equal(expected, (heatmap(weights, min_size=cell).permute(1, 2, 0) * 255).round().byte())
+    bar_x = MARGIN + cell + GAP + 4
+    top, bottom = pixels[TOP + TITLE_H + 6, bar_x].int(), pixels[TOP + TITLE_H + cell - 8, bar_x].int()
+    yellow = (colorize(torch.ones(1, 1))[:, 0, 0] * 255).int()
+    purple = (colorize(torch.zeros(1, 1))[:, 0, 0] * 255).int()
+    assert (top - yellow).abs().max() <= 12 and (bottom - purple).abs().max() <= 12
+
+
 def test_huge_attention_grid_is_refused_before_drawing():
     n = 800  # 800 tokens x 12 px: one map alone is 9600 px square
-    with pytest.raises(ValueError, match=r"800 tokens x 1 layers x 1 heads would be 9666x9683 pixels"):
+    with pytest.raises(ValueError, match=r"800 tokens x 1 layers x 1 heads would be 9734x9721 pixels"):
         render_grid([torch.zeros(1, n, n)], ["x"] * n, [0], [0])
 
 

@@ -18,6 +18,7 @@ from gptmini.checkpoint import CheckpointError, load_checkpoint
 from gptmini.cli import to_dataclass
 from gptmini.config import register_configs
 from gptmini.device import describe, mfu, peak_flops
+from gptmini.drawing import SCALE_W
 from gptmini.optim import lr_at, make_optimizer
 from gptmini.trainer import TrainingError, train
 
@@ -81,7 +82,7 @@ def test_tensorboard_holds_scalars_images_text_and_hparams(tmp_path, corpus):
         assert {f"attn/layer{layer}/head0", f"attn/layer{layer}/head1", f"attn/layer{layer}/all"} <= images
     image = acc.Images("attn/layer0/head0")[-1]
     assert image.encoded_image_string.startswith(b"\x89PNG")
-    assert image.width >= 256 and image.height == image.width  # upscaled square heat map
+    assert image.height >= 256 and image.width == image.height + SCALE_W  # upscaled square map, its colour scale
     assert len(acc.Images("attn/layer0/head0")) == 2  # steps 15 and 30
     assert any("sample" in t for t in tags["tensors"])
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one writer per run directory

@@ -118,6 +118,14 @@ def test_evaluate_refused_for_another_vocabulary_keeps_the_dataset(trained):
     assert checksums(trained["dataset"]) == before
 
 
+def test_heads_refused_for_another_vocabulary_keeps_the_dataset(trained):
+    root, before = trained["root"], checksums(trained["dataset"])
+    refused([sys.executable, "-m", "gptmini.heads", f"ckpt={trained['run']}", "data=text",
+             f"data.path={root / 'other.txt'}", "data.name=text", f"data_dir={root / 'data'}", "out=null"],
+            root, "tokenized differently")
+    assert checksums(trained["dataset"]) == before
+
+
 def test_resume_refused_for_another_vocabulary_keeps_the_dataset_and_the_run(trained):
     root, before, run_before = trained["root"], checksums(trained["dataset"]), checksums(trained["run"])
     refused([*TRAIN, "data=text", f"data.path={root / 'other.txt'}", f"data_dir={root / 'data'}",

@@ -14,7 +14,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from gptmini.config.tools import CompareConfig, ExportConfig  # noqa: F401  (gptmini.config's names too)
+from gptmini.config.data import DataConfig  # noqa: F401  (gptmini.config's names too)
+from gptmini.config.tools import CompareConfig, ExportConfig, HeadsConfig, HeadsOptions  # noqa: F401
 from gptmini.config.values import (  # noqa: F401  (the lists and checks are gptmini.config's public names too)
     DEVICES,
     DTYPE_NAMES,
@@ -251,33 +252,6 @@ class OptimConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the corpus comes from, how it is tokenized and split. Prepared once into <data_dir>/<name>/."""
-
-    name: str = "python_stdlib"  # folder under data_dir that holds train.bin, val.bin, meta.json
-    # python_stdlib: this interpreter's standard library; files: data.path; url: data.url (data.path, when
-    # set, is a local copy used instead); hub: a Hugging Face hub dataset.
-    source: str = "python_stdlib"
-    path: str | None = None  # a file, folder or glob of .txt/.jsonl/.json/.parquet files
-    url: str | None = None
-    hub_name: str | None = None  # e.g. roneneldan/TinyStories
-    hub_subset: str | None = None
-    hub_split: str = "train"
-    text_field: str = "text"  # the column holding the text (jsonl, parquet, hub)
-    streaming: bool = False  # hub: stream instead of downloading the whole dataset first
-    max_tokens: int | None = None  # stop after this many tokens (streamed corpora)
-    tokenizer: str = "char"  # char | bytes | tiktoken
-    vocabulary: str | None = None  # char: these characters instead of the corpus's (evaluate sets a checkpoint's)
-    encoding: str = "gpt2"  # tiktoken: an encoding name or a local .tiktoken file
-    val_fraction: float = 0.1
-    # auto: by document when there are several (val is text the model never saw), else by position
-    split: str = "auto"  # auto | document | position
-    num_proc: int = 1  # processes for tokenization (Dataset.map)
-    dtype: str = "auto"  # token file dtype: auto (uint16 when the vocabulary fits, else uint32) | uint16 | uint32
-    on_bad_utf8: str = "error"  # error | replace (with U+FFFD, and a warning)
-
-
-@dataclass
 class RunConfig:
     """Everything `train.py` reads: the model, the data, the loop and the optimizer."""
 
@@ -345,11 +319,13 @@ class GenerateConfig:
     attention_tb: str | None = None  # ... and/or as TensorBoard images into this directory
     attention_layers: list[int] | None = None
     attention_heads: list[int] | None = None
+    attention_scale: str = "row"  # row: each row scaled to its maximum | absolute: the probabilities themselves
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        check_choice("attention_scale", self.attention_scale, ("row", "absolute"))
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature={self.temperature} must be >= 0 and finite (0 is greedy)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -394,3 +370,4 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="compare_schema", node=CompareConfig)
+    cs.store(name="heads_schema", node=HeadsConfig)
