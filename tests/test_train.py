@@ -84,6 +84,8 @@ def test_tensorboard_holds_scalars_images_text_and_hparams(tmp_path, corpus):
     assert image.encoded_image_string.startswith(b"\x89PNG")
     assert image.height >= 256 and image.width == image.height + SCALE_W  # upscaled square map, its colour scale
     assert len(acc.Images("attn/layer0/head0")) == 2  # steps 15 and 30
+    metrics = ("induction", "previous", "entropy", "sink", "self", "distance")  # head diagnostics, same cadence
+    assert {f"heads/{m}" for m in metrics} <= images and len(acc.Images("heads/induction")) == 2
     assert any("sample" in t for t in tags["tensors"])
     assert len(list(run.glob("events.out.tfevents.*"))) == 1  # one writer per run directory
     assert math.isfinite(result.final_val_loss)
