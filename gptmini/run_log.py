@@ -217,7 +217,7 @@ class TensorBoard:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flatten(config).items()}
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(config).items()}
         exp, ssi, sei = hparams(flat, metrics)
         for summary in (exp, ssi, sei):
             self.writer.file_writer.add_summary(summary)
@@ -235,11 +235,12 @@ class TensorBoard:
             self.writer.close()
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 1e-3}: each setting by the dotted name users type."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

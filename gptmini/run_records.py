@@ -157,17 +157,7 @@ def read_config(path: Path) -> dict[str, Any]:
         tree = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE))
     except Exception:  # missing, half-written or not YAML: the run's settings are unknown, not an error
         return {}
-    return flatten(tree) if isinstance(tree, dict) else {}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return tags.flatten(tree) if isinstance(tree, dict) else {}
 
 
 def read_scalars(path: Path) -> tuple[dict[str, Series], float | None]:
