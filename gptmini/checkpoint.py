@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from gptmini.attention import weight_compatible_variants
+from gptmini.attention import attention_class, weight_compatible_variants
 from gptmini.config import AttentionConfig, ModelConfig, OptimConfig
 from gptmini.finite import check_finite_weights
 from gptmini.model import GPT
@@ -257,6 +257,10 @@ def load_for_inference(
     return Loaded(model.to(device).eval(), tokenizer, config, path)
 
 
+# How a setting that the weights fix is named in the message refusing another value.
+_FIXED_BY_WEIGHTS = {"n_kv_head": "key/value heads are"}
+
+
 def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> AttentionConfig:
     """The attention config to run with: `wanted` when it can load weights trained with `trained`.
 
@@ -264,16 +268,15 @@ def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> Attenti
     window 4 and run as `model/attention=swa` still sees 4 tokens, unless the user typed model.attention.window.
     """
     if wanted.name == trained.name:
-        wanted = dataclasses.replace(
-            wanted,
-            window=trained.window if wanted.window is None else wanted.window,
-            n_kv_head=trained.n_kv_head if wanted.n_kv_head is None else wanted.n_kv_head,
-        )
-        if wanted.n_kv_head != trained.n_kv_head:
-            raise CheckpointError(
-                f"model.attention.n_kv_head={wanted.n_kv_head} does not match the checkpoint's "
-                f"n_kv_head={trained.n_kv_head}; key/value heads are fixed by the weights"
-            )
+        cls = attention_class(wanted.name)
+        kept = {key: getattr(trained, key) for key in cls.reads if getattr(wanted, key) is None}
+        wanted = dataclasses.replace(wanted, **kept)
+        for key in cls.fixed_by_weights:
+            if getattr(wanted, key) != getattr(trained, key):
+                raise CheckpointError(
+                    f"model.attention.{key}={getattr(wanted, key)} does not match the checkpoint's "
+                    f"{key}={getattr(trained, key)}; {_FIXED_BY_WEIGHTS.get(key, key)} fixed by the weights"
+                )
         return wanted
     compatible = weight_compatible_variants()
     if wanted.name not in compatible or trained.name not in compatible:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from gptmini import data as data_lib
+from gptmini.attention import attention_class
 from gptmini.checkpoint import BEST, LAST, checkpoint_dir, rng_state, save_checkpoint, set_rng_state
 from gptmini.config import RunConfig
 from gptmini.device import flops_per_token, mfu, peak_flops
@@ -107,6 +108,9 @@ class TrainingRun:
         self.peak = peak_flops(hw.info.name, hw.dtype)
         self.window_time, self.window_steps = 0.0, 0  # training time since the last log line
         self.reported_skipped, self.last_look = 0, 0  # skipped steps already reported, and when they were counted
+        # Attention maps only from a variant that returns its weights (its `returns_weights` flag).
+        self.draws_attention = attention_class(self.model_cfg.attention.name).returns_weights
+        self.attn_interval = t.attn_interval if self.draws_attention else 0
 
     def run(self) -> TrainResult:
         self.restore()
@@ -155,6 +159,9 @@ class TrainingRun:
             (self.run_dir / CONFIG_FILE).write_text(to_yaml(self.full_config))
         n_params = self.model.num_parameters()
         self.log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={self.model_cfg.attention.name}")
+        if not self.draws_attention and self.t.attn_interval > 0:
+            self.log.info(f"attention maps: none (attention variant {self.model_cfg.attention.name!r} returns no "
+                          f"weights; train.attn_interval={self.t.attn_interval} is ignored)")
         self.tb.text("system/backend", f"{self.hw.info.backend}; dtype {self.hw.dtype}; torch {torch.__version__}; "
                      f"{self.hw.env.world_size} process(es)", self.trainer.step, code=False)
         if self.parts.kernel is not None:
@@ -169,7 +176,7 @@ class TrainingRun:
         """Whether anything but training happens after `step`; only then does the loop wait for the device."""
         t = self.t
         return (stopped or step == t.max_iters or step % t.ckpt_interval == 0
-                or any(self.due(i, step) for i in (t.log_interval, t.eval_interval, t.attn_interval)))
+                or any(self.due(i, step) for i in (t.log_interval, t.eval_interval, self.attn_interval)))
 
     def after_step(self, result: StepResult, bar: Any, stopped: bool) -> None:
         waiting = time.perf_counter()
@@ -180,7 +187,7 @@ class TrainingRun:
             self.log_step(result, stats, bar)
         if self.due(self.t.eval_interval, result.step):
             self.evaluate_and_log(result.step)
-        if self.due(self.t.attn_interval, result.step):
+        if self.due(self.attn_interval, result.step):
             self.log_attention(result.step)
         self.checkpoint_cadence(result.step, stopped)
 

@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from model_helpers import tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every variant that can take QK-norm (torch_mha projects Q and K inside nn.MultiheadAttention).
-QK_NORM_VARIANTS = sorted(n for n in ATTENTION_REGISTRY if n != "torch_mha")
+# Every variant that can take QK-norm (its applies_qk_norm flag; torch_mha projects Q and K inside
+# nn.MultiheadAttention).
+QK_NORM_VARIANTS = sorted(n for n, cls in ATTENTION_REGISTRY.items() if cls.applies_qk_norm)
 
 
 cfg = tiny_config  # cfg(name, **overrides): the shared tiny model config (tests/model_helpers.py)
@@ -172,7 +173,7 @@ def test_qk_norm_gain_learns_goes_to_adamw_undecayed_and_needs_qk_norm():
         cfg("sdpa", qk_norm_gain=True)
 
 
-@pytest.mark.parametrize("src", [n for n in weight_compatible_variants() if n != "torch_mha"])
+@pytest.mark.parametrize("src", [n for n in weight_compatible_variants() if ATTENTION_REGISTRY[n].applies_qk_norm])
 def test_qk_norm_model_state_dict_portable_to_mha(src):
     torch.manual_seed(0)
     model = GPT(cfg(src, qk_norm=True, pos_encoding="rope")).eval()

@@ -9,8 +9,8 @@ what needs a registry (attention variants, pretrained weights) is checked above,
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gptmini.config.values import (  # noqa: F401  (the lists and checks are gptmini.config's public names too)
@@ -24,7 +24,6 @@ from gptmini.config.values import (  # noqa: F401  (the lists and checks are gpt
     PRETRAINED_NAMES,
     SCHEDULES,
     STRATEGIES,
-    SWA_DEFAULT_WINDOW,
     check_choice,
     check_init_from,
     check_int,
@@ -52,19 +51,18 @@ class AttentionConfig:
             check_int("model.attention.window", self.window, 1)
 
 
-def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionConfig:
-    """Fill the settings a variant needs but the config left null: swa's window (64), gqa's key/value heads
-    (the largest divisor of n_head up to half of it).
+# Variant name -> its class's `with_defaults`, filled by gptmini.attention.register_attention: the class says its
+# defaults, this package (below the registry) only looks them up. An unknown name (refused later) keeps its settings.
+VARIANT_DEFAULTS: dict[str, Callable[[AttentionConfig, int], AttentionConfig]] = {}
 
-    The YAML groups leave them null rather than spelling the defaults out, so that `generate.py
-    model/attention=swa` runs a checkpoint with its own window unless the user types model.attention.window.
-    """
-    if attention.name == "swa" and attention.window is None:
-        return dataclasses.replace(attention, window=SWA_DEFAULT_WINDOW)
-    if attention.name == "gqa" and attention.n_kv_head is None and isinstance(n_head, int) and n_head > 0:
-        kv = max([d for d in range(1, n_head // 2 + 1) if n_head % d == 0], default=1)
-        return dataclasses.replace(attention, n_kv_head=kv)
-    return attention
+
+def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionConfig:
+    """Fill the settings a variant needs but the config left null (swa's window, gqa's key/value heads). The YAML
+    groups leave them null so that `generate.py model/attention=swa` runs a checkpoint with its own window."""
+    fill = VARIANT_DEFAULTS.get(attention.name)
+    if fill is None or not isinstance(n_head, int) or n_head <= 0:
+        return attention
+    return fill(attention, n_head)
 
 
 @dataclass

@@ -18,7 +18,6 @@ SCHEDULES = ("cosine", "wsd")  # gptmini.optim computes them
 DEVICES = ("auto", "cpu", "cuda", "mps")  # ROCm builds use cuda; gptmini.device resolves auto
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # gptmini.device maps them to torch dtypes
 STRATEGIES = ("auto", "ddp", "fsdp")  # gptmini.distributed resolves auto
-SWA_DEFAULT_WINDOW = 64
 MAX_SEED = 2**31 - 1  # numpy seeds must stay below 2**32, and the trainer adds the rank
 
 
