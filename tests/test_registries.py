@@ -68,3 +68,49 @@ def test_a_variant_without_weights_trains_with_no_attention_maps(tmp_path, corpu
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("attention maps: none (attention variant 'blind' returns no weights; "
                      "train.attn_interval=2 is ignored)") == 1
+
+
+@pytest.fixture
+def poem_source():
+    """`poem`: a corpus of a few lines given in data.url, one document each (no file, no network)."""
+    from gptmini.data import SOURCE_REGISTRY, Source, register_source
+
+    @register_source("poem")
+    class Poem(Source):
+        def request(self):
+            return {"kind": self.name, "lines": self.cfg.url}
+
+        def label(self):
+            return "the poem"
+
+        def documents(self, described, log, cache_dir):
+            import datasets
+
+            lines = self.cfg.url.split("|")
+            return datasets.Dataset.from_dict({"id": [str(i) for i in range(len(lines))], "text": lines})
+
+    yield Poem
+    del SOURCE_REGISTRY["poem"]
+
+
+def test_a_registered_source_prepares_by_config(tmp_path, poem_source):
+    from gptmini.config import DataConfig
+    from gptmini.data import prepare
+
+    lines = "|".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(20))
+    cfg = DataConfig(name="poem", source="poem", url=lines, tokenizer="bytes", val_fraction=0.2)
+    messages: list[str] = []
+    prepared = prepare(cfg, tmp_path, log=messages.append)
+    assert prepared.meta["train_tokens"] > 0 and prepared.meta["val_tokens"] > 0
+    assert "from poem (bytes tokenizer)" in messages[0]
+    prepare(cfg, tmp_path, log=messages.append)
+    assert "is up to date" in messages[-1]  # the fingerprint is the source's own description
+
+
+def test_an_unknown_source_lists_the_registered_ones(tmp_path, poem_source):
+    from gptmini.config import DataConfig
+    from gptmini.data import DataError, prepare
+
+    valid = "python_stdlib, files, url, hub, poem"
+    with pytest.raises(DataError, match=rf"^data.source='nope' is unknown; valid: {valid}$"):
+        prepare(DataConfig(source="nope"), tmp_path)

@@ -20,14 +20,14 @@ import numpy as np
 from gptmini.config import DataConfig
 from gptmini.data.batches import PreparedData, load_prepared
 from gptmini.data.format import FORMAT, VERSION, DataError, meta_value, tokenizer_request, write_meta
+from gptmini.data.records import describe_value
 from gptmini.data.sources import (
-    SOURCES,
     Log,
     SourceMissing,
     describe_request,
     describe_source,
-    describe_value,
     load_documents,
+    source_class,
     source_label,
     stderr_log,
 )
@@ -136,8 +136,7 @@ def _without_source(cfg: DataConfig, out: Path, missing: SourceMissing, log: Log
 
 
 def _validate(cfg: DataConfig) -> None:
-    if cfg.source not in SOURCES:
-        raise DataError(f"data.source={cfg.source!r} is unknown; valid: {', '.join(SOURCES)}")
+    source = source_class(cfg.source)(cfg)  # an unknown data.source is refused first
     if cfg.split not in SPLITS:
         raise DataError(f"data.split={cfg.split!r} is unknown; valid: {', '.join(SPLITS)}")
     if not 0.0 < cfg.val_fraction < 1.0:
@@ -150,12 +149,7 @@ def _validate(cfg: DataConfig) -> None:
         raise DataError(f"data.num_proc={cfg.num_proc} must be >= 1")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise DataError(f"data.name={cfg.name!r} must be a plain folder name")
-    if cfg.source == "files" and not cfg.path:
-        raise DataError("data.path is required for local files: a file, a folder or a glob (data.path=notes.txt)")
-    if cfg.source == "url" and not (cfg.url or cfg.path):
-        raise DataError("data.url (or a local copy in data.path) is required for data.source=url")
-    if cfg.source == "hub" and not cfg.hub_name and not cfg.path:
-        raise DataError("data.hub_name is required for data.source=hub (e.g. roneneldan/TinyStories)")
+    source.check()  # what this source needs (data.path, data.url, data.hub_name)
     if cfg.streaming and cfg.tokenizer == "char":
         raise DataError("data.streaming=true cannot build a char vocabulary; use data.tokenizer=tiktoken or bytes")
 
