@@ -30,7 +30,7 @@ from gptmini.config import AttentionConfig, ModelConfig, OptimConfig, RunConfig,
 from gptmini.device import describe, flops_per_token, mfu, peak_flops, resolve_dtype
 from gptmini.distributed import DistEnv
 from gptmini.model import GPT
-from gptmini.optim import OPTIMIZERS, make_optimizer
+from gptmini.optim import OPTIMIZER_REGISTRY, make_optimizer
 from gptmini.run_setup import Hardware
 from gptmini.trainer import Trainer
 
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), help="default: default baby (+ gpt2 on GPU)")
     p.add_argument("--variants", nargs="+", default=["mha", "sdpa"])
-    p.add_argument("--optims", nargs="+", choices=OPTIMIZERS, default=["adamw"],
+    p.add_argument("--optims", nargs="+", choices=list(OPTIMIZER_REGISTRY), default=["adamw"],
                    help="optim.name values to time side by side (muon: the speedrun recipes' optimizer)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     p.add_argument("--rounds", type=int, default=3)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gptmini.attention import attention_class, weight_compatible_variants
-from gptmini.config import AttentionConfig, ModelConfig, OptimConfig
+from gptmini.config import OLD_MUON_KEYS, AttentionConfig, ModelConfig, OptimConfig
 from gptmini.finite import check_finite_weights
 from gptmini.model import GPT
 from gptmini.paths import CHECKPOINTS_DIR, check_name_lengths
@@ -148,6 +148,18 @@ def resume_path(resume: str, ckpt_dir: Path) -> Path | None:
 OPTIMIZER_LAYOUT = ("name", "decay_embeddings")
 
 
+def upgrade_saved_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config in today's layout: checkpoints saved before optim.muon.* existed hold Muon's
+    settings as flat optim.muon_* keys; they move under optim.muon, so such a checkpoint resumes as it always did
+    (and the resume notes compare like with like). A copy; `config` is unchanged."""
+    optim = dict(config.get("optim") or {})
+    old = {new: optim.pop(key) for key, new in OLD_MUON_KEYS.items() if key in optim}
+    if not old:
+        return config
+    optim["muon"] = {**old, **(optim.get("muon") or {})}
+    return {**config, "optim": optim}
+
+
 def check_compatible(saved: dict[str, Any], model_cfg: ModelConfig, tokenizer_spec: dict[str, Any],
                      optim_cfg: OptimConfig | None = None) -> None:
     """Refuse to resume a checkpoint whose model, tokenizer or optimizer layout differs, naming the fields."""
@@ -157,7 +169,7 @@ def check_compatible(saved: dict[str, Any], model_cfg: ModelConfig, tokenizer_sp
         f"model.{k}: checkpoint {theirs.get(k)!r} vs now {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]
     ]
     if optim_cfg is not None:
-        saved_optim = saved["config"].get("optim", {})
+        saved_optim = upgrade_saved_config(saved["config"]).get("optim", {})
         diffs += [f"optim.{k}: checkpoint {saved_optim[k]!r} vs now {getattr(optim_cfg, k)!r}"
                   for k in OPTIMIZER_LAYOUT if k in saved_optim and saved_optim[k] != getattr(optim_cfg, k)]
     if saved.get("tokenizer") != tokenizer_spec:

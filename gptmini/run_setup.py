@@ -24,6 +24,7 @@ from gptmini.checkpoint import (
     checkpoint_dir,
     load_checkpoint,
     resume_path,
+    upgrade_saved_config,
 )
 from gptmini.config import ModelConfig, RunConfig
 from gptmini.config_checks import check_run_config
@@ -32,7 +33,7 @@ from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_stat
 from gptmini.finite import check_finite_weights
 from gptmini.kernels import KernelReport, math_fallback_warning, probe_attention_kernel
 from gptmini.model import GPT
-from gptmini.optim import make_optimizer, ns_dtype_note
+from gptmini.optim import make_optimizer, optimizer_class
 from gptmini.pretrained import (
     build_gpt,
     check_pretrained_tokenizer,
@@ -86,8 +87,7 @@ def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
     notes = [f"device: {hw.info.backend}; dtype: {str(hw.dtype).removeprefix('torch.')}"]
     if env.enabled:
         notes.append(f"distributed: {env.world_size} processes, strategy {hw.strategy}")
-    if cfg.optim.name == "muon":
-        notes.append(ns_dtype_note(cfg.optim.muon_ns_dtype, hw.device))
+    notes.extend(optimizer_class(cfg.optim.name).notes(cfg, hw.device))  # e.g. Muon's Newton-Schulz dtype
     # Refuse what the attention variant cannot do here (flex on CPU, ...) before preparing any data.
     ATTENTION_REGISTRY[cfg.model.attention.name].check_device(cfg.model, hw.device, training=True)
     resume_from = resume_path(cfg.train.resume, checkpoint_dir(run_dir))
@@ -124,11 +124,22 @@ def resume_changes(resume: dict[str, Any], cfg: RunConfig) -> list[str]:
     (the learning-rate schedule is recomputed over the new train.max_iters), and says so."""
     notes = []
     for section in ("train", "optim"):
-        saved = resume["config"].get(section, {})
-        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+        saved = flat_settings(upgrade_saved_config(resume["config"]).get(section, {}))
+        for key, value in flat_settings(dataclasses.asdict(getattr(cfg, section))).items():
             if key in saved and saved[key] != value and key not in ("resume", "stop_after"):
                 notes.append(f"resume: {section}.{key} is now {value!r} (the checkpoint's run had {saved[key]!r})")
     return notes
+
+
+def flat_settings(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"muon": {"lr": 0.02}} -> {"muon.lr": 0.02}: each setting by its dotted name."""
+    flat: dict[str, Any] = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            flat |= flat_settings(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def wants_kernel_probe(device: torch.device) -> bool:

@@ -164,6 +164,9 @@ class TrainingRun:
                           f"weights; train.attn_interval={self.t.attn_interval} is ignored)")
         self.tb.text("system/backend", f"{self.hw.info.backend}; dtype {self.hw.dtype}; torch {torch.__version__}; "
                      f"{self.hw.env.world_size} process(es)", self.trainer.step, code=False)
+        if not self.trainer.skip_on_device and not self.trainer.scaler.is_enabled():
+            self.log.info(f"note: the optimizer ({type(self.parts.optimizer).__name__}) cannot skip a non-finite step "
+                          f"on the device (gptmini.step_skip); the host checks each step's loss (one sync a step)")
         if self.parts.kernel is not None:
             self.tb.text("system/attention_kernel", self.parts.kernel.line(), self.trainer.step, code=False)
 

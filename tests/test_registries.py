@@ -114,3 +114,77 @@ def test_an_unknown_source_lists_the_registered_ones(tmp_path, poem_source):
     valid = "python_stdlib, files, url, hub, poem"
     with pytest.raises(DataError, match=rf"^data.source='nope' is unknown; valid: {valid}$"):
         prepare(DataConfig(source="nope"), tmp_path)
+
+
+TINY = ("model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "train.final_eval=false",
+        "train.eval_interval=0", "train.attn_interval=0", "train.sample_tokens=0", "train.warmup_iters=1")
+
+
+@pytest.fixture
+def sgd_optimizer(tmp_path):
+    """`sgd`: torch's SGD, which knows neither found_inf nor step_unless (the host must decide each step)."""
+    import torch
+
+    from gptmini.optim import OPTIMIZER_REGISTRY, OptimizerFactory, adamw_groups, register_optimizer
+
+    @register_optimizer("sgd")
+    class SGD(OptimizerFactory):
+        @classmethod
+        def build(cls, model, cfg, device):
+            return torch.optim.SGD(adamw_groups(list(model.named_parameters()), cfg), lr=cfg.train.lr,
+                                   momentum=cfg.optim.beta1)
+
+    yield SGD
+    del OPTIMIZER_REGISTRY["sgd"]
+
+
+def test_a_registered_optimizer_trains_by_config_and_the_host_sync_is_said_once(tmp_path, corpus, sgd_optimizer):  # noqa: F811
+    import torch
+
+    from gptmini.optim import skips_on_device
+
+    run = tmp_path / "run"
+    result = train(make_config(corpus, tmp_path / "data", *TINY, "optim.name=sgd", "train.max_iters=3"), run)
+    assert result.step == 3
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["config"]["optim"]["name"] == "sgd"
+    assert "momentum_buffer" in next(iter(last["optimizer"]["state"].values()))  # SGD's own state
+    log = (run / "train.log").read_text()
+    assert log.count("note: the optimizer (SGD) cannot skip a non-finite step on the device") == 1
+    assert not skips_on_device(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+
+
+def test_fused_adamw_and_muon_skip_on_the_device_and_say_nothing(tmp_path, corpus):  # noqa: F811
+    for name in ("adamw", "muon"):
+        run = tmp_path / name
+        train(make_config(corpus, tmp_path / "data", *TINY, f"optim={name}", "train.max_iters=2"), run)
+        assert "cannot skip a non-finite step" not in (run / "train.log").read_text()
+
+
+def test_a_checkpoint_with_the_old_flat_muon_names_resumes(tmp_path, corpus):  # noqa: F811
+    """Checkpoints saved before optim.muon.* held optim.muon_lr, ...: they resume, and a changed Muon setting is
+    named by its new name."""
+    import torch
+
+    from gptmini.checkpoint import save_checkpoint
+    from gptmini.distributed import DistEnv
+    from gptmini.run_setup import build_run
+
+    run = tmp_path / "run"
+    train(make_config(corpus, tmp_path / "data", *TINY, "optim=muon", "train.max_iters=2"), run)
+    path = run / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    optim = state["config"]["optim"]
+    optim |= {f"muon_{k}": v for k, v in optim.pop("muon").items()}  # the layout before the registry
+    save_checkpoint(state, path)
+    cfg = make_config(corpus, tmp_path / "data", *TINY, "optim=muon", "optim.muon.lr=0.01", "train.max_iters=4")
+    parts = build_run(cfg, run, DistEnv())
+    assert "resume: optim.muon.lr is now 0.01 (the checkpoint's run had 0.02)" in parts.notes
+    assert train(cfg, run).step == 4
+
+
+def test_an_old_optimizer_setting_on_the_command_line_names_its_new_name():
+    from gptmini.cli import check_renamed
+
+    with pytest.raises(ValueError, match=r"^optim.muon_lr is now optim.muon.lr \(Muon's settings sit under optim.muon"):
+        check_renamed(["optim=muon", "optim.muon_lr=0.01"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from model_helpers import tiny_config
 
-from gptmini.config import OptimConfig, RunConfig, TrainConfig
+from gptmini.config import MuonConfig, OptimConfig, RunConfig, TrainConfig
 from gptmini.device import describe
 from gptmini.distributed import DistEnv
 from gptmini.model import GPT
@@ -25,7 +25,8 @@ CPU = torch.device("cpu")
 def run_config(optim: str, **train) -> RunConfig:
     # weight decay on, and a learning rate whose decay factor 1 - lr*wd rounds differently in float32 and in double
     # (a kept step must compute it as a plain step does)
-    optim_cfg = OptimConfig(name=optim, muon_ns_dtype="float32", muon_lr=0.012855827913956978, muon_weight_decay=0.1)
+    optim_cfg = OptimConfig(name=optim, muon=MuonConfig(ns_dtype="float32", lr=0.012855827913956978,
+                                                        weight_decay=0.1))
     return RunConfig(model=tiny_config("sdpa"), optim=optim_cfg,
                      train=TrainConfig(batch_size=4, warmup_iters=0, **train))
 

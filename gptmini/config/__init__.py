@@ -13,13 +13,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gptmini.config.optim import OLD_MUON_KEYS, MuonConfig, OptimConfig  # noqa: F401  (public names of gptmini.config)
 from gptmini.config.values import (  # noqa: F401  (the lists and checks are gptmini.config's public names too)
     DEVICES,
     DTYPE_NAMES,
     MAX_SEED,
     MLP_KINDS,
     NS_DTYPES,
-    OPTIMIZERS,
     POS_ENCODINGS,
     PRETRAINED_NAMES,
     SCHEDULES,
@@ -205,44 +205,6 @@ class TrainConfig:
 
 
 @dataclass
-class OptimConfig:
-    """The optimizer: AdamW, or Muon with AdamW (optim.name). AdamW decays weight matrices only, never biases or norm
-    gains."""
-
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    # The token embedding is also the (tied) output head; GPT-2 and nanoGPT decay it like any matrix.
-    decay_embeddings: bool = True
-    # adamw: AdamW for everything. muon: Muon (momentum, then Newton-Schulz orthogonalisation) for the 2-D weight
-    # matrices inside the blocks; AdamW (at train.lr) for embeddings, head, biases and norm gains.
-    name: str = "adamw"
-    muon_lr: float = 0.02  # peak learning rate of the Muon matrices (follows the same schedule as train.lr)
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
-    muon_ns_steps: int = 5  # Newton-Schulz iterations per update
-    muon_weight_decay: float = 0.0  # decoupled, lr-scaled, like AdamW's
-    # auto: bfloat16 where the hardware computes it natively (bf16 GPUs; CPUs with AVX512-BF16, AMX-BF16 or Arm
-    # BF16), else float32 | float32 | bfloat16
-    muon_ns_dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise a one-line ValueError naming the first bad value and its valid range."""
-        check_choice("optim.name", self.name, OPTIMIZERS)
-        for name in ("beta1", "beta2", "muon_momentum"):
-            check_number(f"optim.{name}", getattr(self, name), 0, 1, high_open=True)
-        check_number("optim.eps", self.eps, 0, low_open=True)
-        for name in ("weight_decay", "muon_weight_decay", "muon_lr"):
-            check_number(f"optim.{name}", getattr(self, name), 0)
-        check_int("optim.muon_ns_steps", self.muon_ns_steps, 1)
-        check_choice("optim.muon_ns_dtype", self.muon_ns_dtype, NS_DTYPES)
-
-
-@dataclass
 class DataConfig:
     """Where the corpus comes from, how it is tokenized and split. Prepared once into <data_dir>/<name>/."""
 
@@ -288,11 +250,6 @@ class RunConfig:
             raise ValueError(
                 f"train.eval_window={window} is larger than model.block_size={block}: the final evaluation's "
                 f"windows must fit the model's context; use at most {block}, or null for block_size"
-            )
-        if self.optim.name == "muon" and self.train.strategy == "fsdp":
-            raise ValueError(
-                "optim.name=muon cannot be combined with train.strategy=fsdp: Muon orthogonalises whole matrices "
-                "and FSDP shards them; use train.strategy=ddp or optim.name=adamw"
             )
 
 
