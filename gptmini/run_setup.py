@@ -18,6 +18,7 @@ import torch
 
 from gptmini import data as data_lib
 from gptmini.attention import ATTENTION_REGISTRY
+from gptmini.backend_probe import KernelReport, math_fallback_warning, probe_attention_kernel
 from gptmini.checkpoint import (
     check_compatible,
     check_tokenizer,
@@ -31,7 +32,6 @@ from gptmini.config_checks import check_run_config
 from gptmini.device import DeviceInfo, describe, resolve_device, resolve_dtype
 from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_state, resolve_strategy, wrap_model
 from gptmini.finite import check_finite_weights
-from gptmini.kernels import KernelReport, math_fallback_warning, probe_attention_kernel
 from gptmini.model import GPT
 from gptmini.optim import make_optimizer, optimizer_class
 from gptmini.pretrained import (

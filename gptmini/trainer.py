@@ -1,9 +1,9 @@
 """The training loop, as a library function: `train(config, run_dir)`.
 
 Read it top to bottom: `train` locks the run directory, builds the run (`gptmini.run_setup`, which checks
-everything before a file is written), then `TrainingRun.run` restores a checkpoint, and for each step calls
-`Trainer.train_step` followed by the cadence hooks (log, evaluate, attention maps, checkpoint, stop signal), and
-ends with the whole-split evaluation. `Trainer.train_step` (in gptmini.train_step, the layer below) is the
+everything before a file is written), then `TrainingLoop.run` restores a checkpoint, and for each step calls
+`TrainStep.train_step` followed by the cadence hooks (log, evaluate, attention maps, checkpoint, stop signal), and
+ends with the whole-split evaluation. `TrainStep.train_step` (in gptmini.train_step, the layer below) is the
 optimisation step alone (accumulation, autocast, gradient scaling and clipping, the non-finite skip, optimizer
 and schedule); `benchmarks/train.py` times that very method.
 
@@ -47,9 +47,9 @@ from gptmini.run_lock import RunDirLocked, run_dir_lock
 from gptmini.run_log import TensorBoard, progress_bar, run_outputs, to_yaml
 from gptmini.run_setup import RunParts, TrainingError, build_run
 from gptmini.sampling import generate
-from gptmini.train_step import Batches, StepResult, StepStats, Trainer
+from gptmini.train_step import Batches, StepResult, StepStats, TrainStep
 
-__all__ = ["StepResult", "StepStats", "TrainResult", "Trainer", "TrainingError", "TrainingRun", "train"]
+__all__ = ["StepResult", "StepStats", "TrainResult", "TrainStep", "TrainingError", "TrainingLoop", "train"]
 
 @dataclass
 class TrainResult:
@@ -78,13 +78,13 @@ def train(cfg: RunConfig, run_dir: str | Path) -> TrainResult:
             with run_outputs(run_dir, env.is_main) as (log, tb):
                 for line in parts.notes:
                     log.info(line)
-                return TrainingRun(cfg, run_dir, parts, log, tb).run()
+                return TrainingLoop(cfg, run_dir, parts, log, tb).run()
     finally:
         if env.enabled:
             destroy_process_group()
 
 
-class TrainingRun:
+class TrainingLoop:
     """One run's loop: the trainer plus the data, the logs and the checkpoint cadence."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, parts: RunParts, log: Any, tb: TensorBoard) -> None:
@@ -92,7 +92,7 @@ class TrainingRun:
         self.cfg, self.t, self.hw, self.parts, self.log, self.tb = cfg, t, hw, parts, log, tb
         self.run_dir, self.ckpt_dir = run_dir, checkpoint_dir(run_dir)
         self.model, self.model_cfg, self.data = parts.model, parts.model_cfg, parts.data
-        self.trainer = Trainer(cfg, parts.model, parts.optimizer, hw, parts.wrapped)
+        self.trainer = TrainStep(cfg, parts.model, parts.optimizer, hw, parts.wrapped)
         self.sampler = data_lib.BatchSampler(self.data.train, self.model_cfg.block_size, t.batch_size, seed=t.seed,
                                              device=hw.device, rank=hw.env.rank, world_size=hw.env.world_size)
         self.batches: Batches = iter(self.sampler.next_batch, None)

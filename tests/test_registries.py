@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from gptmini.attention import ATTENTION_REGISTRY, SDPAttention, check_attention_config, register_attention
+from gptmini.backend_probe import probe_attention_kernel
 from gptmini.checkpoint import CheckpointError, swap_attention
 from gptmini.config import VARIANT_DEFAULTS, AttentionConfig, ModelConfig
-from gptmini.kernels import probe_attention_kernel
 from gptmini.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -17,7 +17,7 @@ from gptmini.distributed import DistEnv
 from gptmini.model import GPT
 from gptmini.optim import make_optimizer, skips_on_device, step_unless
 from gptmini.run_setup import Hardware
-from gptmini.trainer import Trainer
+from gptmini.trainer import TrainStep
 
 CPU = torch.device("cpu")
 
@@ -99,12 +99,12 @@ def no_host_reads():
             setattr(torch.Tensor, name, method)
 
 
-def make_trainer(optim: str) -> tuple[Trainer, itertools.cycle]:
+def make_trainer(optim: str) -> tuple[TrainStep, itertools.cycle]:
     torch.manual_seed(0)
     cfg = run_config(optim, grad_accum=2)
     model = GPT(cfg.model).train()
     hw = Hardware(env=DistEnv(), device=CPU, dtype=torch.float32, info=describe(CPU), strategy="none")
-    trainer = Trainer(cfg, model, make_optimizer(model, cfg, CPU), hw)
+    trainer = TrainStep(cfg, model, make_optimizer(model, cfg, CPU), hw)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randint(37, (4, 16), generator=gen), torch.randint(37, (4, 16), generator=gen))
                for _ in range(3)]
