@@ -30,8 +30,8 @@ from gptmini.paths import CHECKPOINTS_DIR, check_name_lengths
 from gptmini.pretrained import is_pretrained_ref, load_pretrained_for_inference
 from gptmini.tokenizer import Tokenizer, tokenizer_from_spec
 
-FORMAT = "gptmini-checkpoint"
-VERSION = 1
+CHECKPOINT_FORMAT = "gptmini-checkpoint"
+CHECKPOINT_VERSION = 1
 
 
 LAST, BEST = "last.pt", "best.pt"
@@ -55,7 +55,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CheckpointError(f"cannot create {str(path.parent)!r} for checkpoints: {err.strerror}") from None
-    payload = {"format": FORMAT, "version": VERSION, **state}
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
@@ -102,10 +102,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{str(path)!r} is not a readable gptmini checkpoint (truncated, corrupted, or holding objects that "
             f"weights_only loading refuses): {first_line}"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a gptmini checkpoint (no '{FORMAT}' marker)")
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint version {state.get('version')}, expected {VERSION}")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a gptmini checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}"
+        )
     return state
 
 

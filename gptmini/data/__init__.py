@@ -12,8 +12,8 @@ new files are never mixed. Run it on its own with `python -m gptmini.data data=<
 """
 
 from gptmini.data.batches import BatchSampler, PreparedData, iter_windows, load_prepared
-from gptmini.data.format import FORMAT, VERSION, DataError, check_prepared, read_meta
-from gptmini.data.preparation import SPLITS, iter_token_documents, prepare, tokenize_documents
+from gptmini.data.format import DATA_FORMAT, DATA_VERSION, DataError, check_prepared, read_meta
+from gptmini.data.preparation import SPLIT_MODES, iter_token_documents, prepare, tokenize_documents
 from gptmini.data.sources import (
     FILE_TYPES,
     SOURCE_REGISTRY,
@@ -27,11 +27,11 @@ from gptmini.data.staging import DataDirError
 
 __all__ = [
     "FILE_TYPES",
-    "FORMAT",
+    "DATA_FORMAT",
     "SOURCE_REGISTRY",
     "Source",
-    "SPLITS",
-    "VERSION",
+    "SPLIT_MODES",
+    "DATA_VERSION",
     "BatchSampler",
     "DataDirError",
     "DataError",
