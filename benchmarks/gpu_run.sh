@@ -33,7 +33,7 @@ stage attention_kernel 30 python -c "
 import torch
 from gptmini.attention import build_attention
 from gptmini.config import ModelConfig, AttentionConfig
-from gptmini.kernels import probe_attention_kernel
+from gptmini.backend_probe import probe_attention_kernel
 for name, hd in [('sdpa', 64), ('sdpa', 8), ('gqa', 64), ('swa', 64)]:
     cfg = ModelConfig(n_layer=1, n_head=12, n_embd=12 * hd, block_size=1024, attention=AttentionConfig(name, window=256 if name == 'swa' else None, n_kv_head=4 if name == 'gqa' else None))
     print(probe_attention_kernel(build_attention(cfg).cuda(), torch.device('cuda'), torch.bfloat16, 1024).line())

@@ -2,7 +2,7 @@
 
     python benchmarks/speedrun.py --data-path input.txt                 # speedrun vs baseline for this device, 5 seeds
     python benchmarks/speedrun.py --data-path input.txt --recipes speedrun_cpu --seeds 1 --no-write
-    python benchmarks/speedrun.py --data-path input.txt --recipes speedrun_cpu speedrun_cpu:optim.muon_ns_dtype=float32
+    python benchmarks/speedrun.py --data-path input.txt --recipes speedrun_cpu speedrun_cpu:optim.muon.ns_dtype=float32
 
 A recipe is an experiment config, optionally followed by `:` and comma-separated overrides of its own (the same
 recipe with one setting changed is then a recipe of its own, timed side by side).
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def recipe_args(recipe: str) -> list[str]:
-    """`speedrun_cpu:optim.muon_ns_dtype=float32` -> the experiment and its own overrides."""
+    """`speedrun_cpu:optim.muon.ns_dtype=float32` -> the experiment and its own overrides."""
     name, _, extra = recipe.partition(":")
     return [f"experiment={name}", *(o for o in extra.split(",") if o)]
 

@@ -3,7 +3,7 @@
     python benchmarks/train.py                       # default and baby models, mha vs sdpa, on the device found
     python benchmarks/train.py --models default --variants mha sdpa flex --no-write
 
-One training step is the product's own `gptmini.trainer.Trainer.train_step`: `--grad-accum` micro-batches of
+One training step is the product's own `gptmini.trainer.TrainStep.train_step`: `--grad-accum` micro-batches of
 forward and backward under autocast, gradient scaling and clipping, the non-finite check (on the device: the
 step never waits for it), the optimizer update (`--optims`: AdamW, Muon+AdamW) and the schedule, at the real
 global batch (micro-batch x accumulation). Tokens are random and fixed (the data pipeline is not timed).
@@ -30,9 +30,9 @@ from gptmini.config import AttentionConfig, ModelConfig, OptimConfig, RunConfig,
 from gptmini.device import describe, flops_per_token, mfu, peak_flops, resolve_dtype
 from gptmini.distributed import DistEnv
 from gptmini.model import GPT
-from gptmini.optim import OPTIMIZERS, make_optimizer
+from gptmini.optim import OPTIMIZER_REGISTRY, make_optimizer
 from gptmini.run_setup import Hardware
-from gptmini.trainer import Trainer
+from gptmini.trainer import TrainStep
 
 MODELS = {
     "default": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=223),
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), help="default: default baby (+ gpt2 on GPU)")
     p.add_argument("--variants", nargs="+", default=["mha", "sdpa"])
-    p.add_argument("--optims", nargs="+", choices=OPTIMIZERS, default=["adamw"],
+    p.add_argument("--optims", nargs="+", choices=list(OPTIMIZER_REGISTRY), default=["adamw"],
                    help="optim.name values to time side by side (muon: the speedrun recipes' optimizer)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     p.add_argument("--rounds", type=int, default=3)
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Case:
-    """One (model, variant, compiled) configuration: its own model, optimizer and Trainer, and a fixed batch."""
+    """One (model, variant, compiled) configuration: its own model, optimizer and TrainStep, and a fixed batch."""
 
     def __init__(self, model_name: str, variant: str, compiled: bool, device: torch.device, dtype: torch.dtype,
                  grad_accum: int = 1, loss_chunk: int | None = None, optim: str = "adamw"):
@@ -90,7 +90,7 @@ class Case:
                             train=TrainConfig(batch_size=self.batch, grad_accum=grad_accum, compile=compiled,
                                               warmup_iters=0, loss_chunk=loss_chunk))
         hw = Hardware(env=DistEnv(), device=device, dtype=dtype, info=describe(device), strategy="none")
-        self.trainer = Trainer(run_cfg, model, make_optimizer(model, run_cfg, device), hw)
+        self.trainer = TrainStep(run_cfg, model, make_optimizer(model, run_cfg, device), hw)
         x = torch.randint(cfg.vocab_size, (self.batch, cfg.block_size), device=device)  # (B, T)
         y = torch.randint(cfg.vocab_size, (self.batch, cfg.block_size), device=device)  # (B, T)
         self.batches = itertools.repeat((x, y))
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype_name = str(dtype).removeprefix("torch.")
     report = (
         f"## Training step (`benchmarks/train.py`)\n\n{machine()}; {dtype_name}; median of {args.rounds} rounds x "
-        f"{args.steps} steps of `Trainer.train_step` (accumulation, clip, non-finite check, optimizer, schedule) on "
+        f"{args.steps} steps of `TrainStep.train_step` (accumulation, clip, non-finite check, optimizer, schedule) on "
         f"random tokens.\n"
         f"Command: `python benchmarks/train.py {shlex.join(argv if argv is not None else sys.argv[1:])}`\n\n"
         f"{table}\n"

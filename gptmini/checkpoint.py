@@ -22,16 +22,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from gptmini.attention import weight_compatible_variants
-from gptmini.config import AttentionConfig, ModelConfig, OptimConfig
+from gptmini.attention import attention_class, weight_compatible_variants
+from gptmini.config import OLD_MUON_KEYS, AttentionConfig, ModelConfig, OptimConfig
 from gptmini.finite import check_finite_weights
 from gptmini.model import GPT
 from gptmini.paths import CHECKPOINTS_DIR, check_name_lengths
 from gptmini.pretrained import is_pretrained_ref, load_pretrained_for_inference
 from gptmini.tokenizer import Tokenizer, tokenizer_from_spec
 
-FORMAT = "gptmini-checkpoint"
-VERSION = 1
+CHECKPOINT_FORMAT = "gptmini-checkpoint"
+CHECKPOINT_VERSION = 1
 
 
 LAST, BEST = "last.pt", "best.pt"
@@ -55,7 +55,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CheckpointError(f"cannot create {str(path.parent)!r} for checkpoints: {err.strerror}") from None
-    payload = {"format": FORMAT, "version": VERSION, **state}
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
@@ -102,10 +102,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{str(path)!r} is not a readable gptmini checkpoint (truncated, corrupted, or holding objects that "
             f"weights_only loading refuses): {first_line}"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a gptmini checkpoint (no '{FORMAT}' marker)")
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint version {state.get('version')}, expected {VERSION}")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a gptmini checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}"
+        )
     return state
 
 
@@ -148,6 +150,18 @@ def resume_path(resume: str, ckpt_dir: Path) -> Path | None:
 OPTIMIZER_LAYOUT = ("name", "decay_embeddings")
 
 
+def upgrade_saved_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config in today's layout: checkpoints saved before optim.muon.* existed hold Muon's
+    settings as flat optim.muon_* keys; they move under optim.muon, so such a checkpoint resumes as it always did
+    (and the resume notes compare like with like). A copy; `config` is unchanged."""
+    optim = dict(config.get("optim") or {})
+    old = {new: optim.pop(key) for key, new in OLD_MUON_KEYS.items() if key in optim}
+    if not old:
+        return config
+    optim["muon"] = {**old, **(optim.get("muon") or {})}
+    return {**config, "optim": optim}
+
+
 def check_compatible(saved: dict[str, Any], model_cfg: ModelConfig, tokenizer_spec: dict[str, Any],
                      optim_cfg: OptimConfig | None = None) -> None:
     """Refuse to resume a checkpoint whose model, tokenizer or optimizer layout differs, naming the fields."""
@@ -157,7 +171,7 @@ def check_compatible(saved: dict[str, Any], model_cfg: ModelConfig, tokenizer_sp
         f"model.{k}: checkpoint {theirs.get(k)!r} vs now {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]
     ]
     if optim_cfg is not None:
-        saved_optim = saved["config"].get("optim", {})
+        saved_optim = upgrade_saved_config(saved["config"]).get("optim", {})
         diffs += [f"optim.{k}: checkpoint {saved_optim[k]!r} vs now {getattr(optim_cfg, k)!r}"
                   for k in OPTIMIZER_LAYOUT if k in saved_optim and saved_optim[k] != getattr(optim_cfg, k)]
     if saved.get("tokenizer") != tokenizer_spec:
@@ -257,6 +271,10 @@ def load_for_inference(
     return Loaded(model.to(device).eval(), tokenizer, config, path)
 
 
+# How a setting that the weights fix is named in the message refusing another value.
+_FIXED_BY_WEIGHTS = {"n_kv_head": "key/value heads are"}
+
+
 def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> AttentionConfig:
     """The attention config to run with: `wanted` when it can load weights trained with `trained`.
 
@@ -264,16 +282,15 @@ def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> Attenti
     window 4 and run as `model/attention=swa` still sees 4 tokens, unless the user typed model.attention.window.
     """
     if wanted.name == trained.name:
-        wanted = dataclasses.replace(
-            wanted,
-            window=trained.window if wanted.window is None else wanted.window,
-            n_kv_head=trained.n_kv_head if wanted.n_kv_head is None else wanted.n_kv_head,
-        )
-        if wanted.n_kv_head != trained.n_kv_head:
-            raise CheckpointError(
-                f"model.attention.n_kv_head={wanted.n_kv_head} does not match the checkpoint's "
-                f"n_kv_head={trained.n_kv_head}; key/value heads are fixed by the weights"
-            )
+        cls = attention_class(wanted.name)
+        kept = {key: getattr(trained, key) for key in cls.reads if getattr(wanted, key) is None}
+        wanted = dataclasses.replace(wanted, **kept)
+        for key in cls.fixed_by_weights:
+            if getattr(wanted, key) != getattr(trained, key):
+                raise CheckpointError(
+                    f"model.attention.{key}={getattr(wanted, key)} does not match the checkpoint's "
+                    f"{key}={getattr(trained, key)}; {_FIXED_BY_WEIGHTS.get(key, key)} fixed by the weights"
+                )
         return wanted
     compatible = weight_compatible_variants()
     if wanted.name not in compatible or trained.name not in compatible:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gptmini.config import OLD_MUON_KEYS
 from gptmini.config_checks import check_config
 from gptmini.paths import check_writable
 from gptmini.startup import resume_interrupts
@@ -192,6 +193,7 @@ def check_overrides(config_name: str, argv: list[str]) -> list[Path]:
         if any(arg.startswith("-") for arg in args):
             check_flags(args)  # informational: Hydra shows something and runs nothing
             return []
+        check_renamed(args)
         for overrides in _sweep_variants(args) if multirun else [args]:
             cfg = _compose(config_name, overrides)
             if not multirun and "run" in cfg.get("hydra", {}):
@@ -205,6 +207,16 @@ def check_overrides(config_name: str, argv: list[str]) -> list[Path]:
         cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
         report(f"error: {one_line(str(err) + cause)}")
         sys.exit(2)
+
+
+def check_renamed(args: list[str]) -> None:
+    """A setting typed by its old name is refused with its new one, not Hydra's "Key not in OptimConfig"."""
+    for arg in args:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        old = key.removeprefix("optim.")
+        if key.startswith("optim.") and old in OLD_MUON_KEYS:
+            raise ValueError(f"{key} is now optim.muon.{OLD_MUON_KEYS[old]} (Muon's settings sit under optim.muon; "
+                             f"select Muon with optim=muon)")
 
 
 # Hydra's flags that show something and run no job (no callback is instantiated).

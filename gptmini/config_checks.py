@@ -1,7 +1,8 @@
 """The config checks that need a registry, in one place above the registries.
 
 gptmini.config sits at the bottom and judges every value it can alone when a config is built. Whether an
-attention variant exists and which settings it reads is the attention registry's to say, and what
+attention variant exists and which settings it reads is the attention registry's to say (whether an optimizer
+exists and can run under train.strategy, the optimizer registry's), and what
 `model.init_from`'s weights can serve is gptmini.pretrained's; both are asked here. Every command calls
 `check_config` where its config enters (gptmini.cli.to_dataclass, before Hydra creates the run directory), and
 `build_run` calls `check_run_config` again for callers of `gptmini.trainer.train`, so a wrong value fails in one
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from gptmini.attention import check_attention_config
 from gptmini.config import GenerateConfig, ModelConfig, RunConfig
+from gptmini.optim import check_optimizer_config
 from gptmini.pretrained import check_pretrained_compatible
 
 
@@ -24,6 +26,7 @@ def check_model_config(model: ModelConfig) -> None:
 def check_run_config(run: RunConfig) -> None:
     """What `train.py` reads, beyond what RunConfig checked itself."""
     check_model_config(run.model)
+    check_optimizer_config(run)
 
 
 def check_generate_config(generate: GenerateConfig) -> None:

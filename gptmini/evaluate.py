@@ -27,7 +27,7 @@ from gptmini.device import autocast, resolve_device, resolve_dtype
 from gptmini.pretrained import is_pretrained_ref
 from gptmini.tokenizer import Tokenizer
 
-SPLITS = ("val", "train")
+EVAL_SPLITS = ("val", "train")  # eval.split: which prepared split is measured
 
 
 @torch.no_grad()
@@ -75,8 +75,8 @@ class EvalResult:
 def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> EvalResult:
     """Load the checkpoint, prepare (or reuse) the data, measure the split, print one line."""
     opts = cfg.eval
-    if opts.split not in SPLITS:
-        raise ValueError(f"eval.split={opts.split!r} is unknown; valid: {', '.join(SPLITS)}")
+    if opts.split not in EVAL_SPLITS:
+        raise ValueError(f"eval.split={opts.split!r} is unknown; valid: {', '.join(EVAL_SPLITS)}")
     if opts.batch_size < 1:
         raise ValueError(f"eval.batch_size={opts.batch_size} must be a positive integer")
     data_cfg, data_dir = cfg.data, cfg.data_dir

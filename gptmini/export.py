@@ -198,8 +198,8 @@ def export_hf(model: GPT, tokenizer_spec: Mapping[str, Any] | None, out: str | P
 def _load_for_inference():
     try:
         from gptmini.checkpoint import load_for_inference
-    except ImportError:  # before the move out of gptmini.generation
-        from gptmini.generation import load_for_inference
+    except ImportError:  # before the move out of gptmini.generate_command
+        from gptmini.generate_command import load_for_inference
     return load_for_inference
 
 

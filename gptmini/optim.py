@@ -1,12 +1,13 @@
 """Optimizers and learning-rate schedules.
 
+- The registry: `optim.name` (Hydra group `optim=adamw|muon`) picks an `OptimizerFactory` registered with
+  `@register_optimizer`; `make_optimizer` builds it.
 - `adamw` (GPT-2, nanoGPT): AdamW everywhere, weight decay on weight matrices only.
-- `muon`: Muon for the 2-D weight matrices inside the transformer blocks, AdamW for everything else (embeddings,
-  the tied head, biases, norm gains). Muon keeps a momentum of the gradient and replaces it by the nearest
-  (semi-)orthogonal matrix, computed with a few Newton-Schulz iterations: every direction of the update gets
-  the same size, so rarely-used directions learn as fast as dominant ones.
+- `muon`: Muon (gptmini.muon) for the 2-D weight matrices inside the transformer blocks, AdamW for everything else
+  (embeddings, the tied head, biases, norm gains); its settings are `optim.muon.*`.
 - Schedules: linear warm-up, then `cosine` decay (GPT-2) or `wsd` (warm-up, stable, decay): flat at the peak
   for most of the run and a short linear decay at the end.
+- Skipping a non-finite step on the device: the protocol in gptmini.step_skip.
 
 Every parameter group carries its peak learning rate as `base_lr`; `set_lr` scales all of them by the schedule.
 """
@@ -14,20 +15,23 @@ Every parameter group carries its peak learning rate as `base_lr`; `set_lr` scal
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from gptmini.config import NS_DTYPES, OPTIMIZERS, SCHEDULES, RunConfig, TrainConfig, check_choice
-from gptmini.device import native_bf16
-
-# Coefficients (a, b, c) of the quintic Newton-Schulz step x <- a·x + b·(x xᵀ)x + c·(x xᵀ)²x, chosen (by Keller
-# Jordan, for Muon) to push every singular value in (0, 1] quickly into a band around 1, rather than to converge
-# exactly: after 5 steps they lie roughly in [0.7, 1.2], which is all an update direction needs.
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
+from gptmini.config import SCHEDULES, RunConfig, TrainConfig, check_choice
+from gptmini.muon import (  # noqa: F401  (gptmini.optim's public names too)
+    NS_COEFFS,
+    Muon,
+    MuonWithAdamW,
+    newton_schulz,
+    ns_dtype,
+    ns_dtype_choice,
+    ns_dtype_note,
+)
+from gptmini.step_skip import skips_on_device, step_unless  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------------
 # Schedules
@@ -64,222 +68,65 @@ def set_lr(optimizer: Any, step: int, cfg: RunConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Muon
+# The registry: one factory per optim.name
 
 
-def ns_dtype_choice(name: str, device: torch.device) -> tuple[torch.dtype, str]:
-    """The Newton-Schulz dtype for `optim.muon_ns_dtype=name` on `device`, and why, in words.
+class OptimizerFactory:
+    """Builds the optimizer `optim.name=<name>` names. A subclass with `@register_optimizer("<name>")` and a
+    configs/optim/<name>.yaml (`name: <name>`) is all a new optimizer needs; its settings of its own go under
+    `optim.<name>` (a dataclass field of gptmini.config.OptimConfig, like `muon`).
 
-    `auto` is bfloat16 where the hardware computes bf16 matmuls natively (bf16 GPUs; CPUs with AVX512-BF16,
-    AMX-BF16 or Arm BF16), else float32: on other CPUs bf16 is emulated and several times slower than float32.
-    """
-    check_choice("optim.muon_ns_dtype", name, NS_DTYPES)  # OptimConfig's own check, for direct callers
-    native, hardware = native_bf16(device)
-    if name == "auto":
-        return (torch.bfloat16 if native else torch.float32), f"auto: {hardware}"
-    why = f"set by optim.muon_ns_dtype={name}"
-    if name == "bfloat16" and not native:
-        why += f"; {hardware}, so float32 or auto may be faster"
-    return getattr(torch, name), why
+    `build` returns anything with torch's optimizer interface (`param_groups`, each with `base_lr`, the peak that
+    the schedule scales; `step`, `zero_grad`, `state_dict`, `load_state_dict`). To skip non-finite steps without
+    a host sync it follows the protocol above (`found_inf`, or `skips_on_device` + `step_unless`)."""
 
+    name: ClassVar[str] = "base"
+    # Why the optimizer needs whole matrices, when it does: it cannot run on FSDP's shards (train.strategy=fsdp).
+    whole_matrices: ClassVar[str | None] = None
 
-def ns_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The Newton-Schulz dtype for `optim.muon_ns_dtype=name` on `device` (see `ns_dtype_choice`)."""
-    return ns_dtype_choice(name, device)[0]
+    @classmethod
+    def build(cls, model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> Any:
+        raise NotImplementedError
 
-
-def ns_dtype_note(name: str, device: torch.device) -> str:
-    """One line for the start-up log, e.g. "muon Newton-Schulz dtype: float32 (auto: CPU AMD EPYC (AVX2) has no
-    native bf16)"."""
-    dtype, why = ns_dtype_choice(name, device)
-    return f"muon Newton-Schulz dtype: {str(dtype).removeprefix('torch.')} ({why})"
+    @classmethod
+    def notes(cls, cfg: RunConfig, device: torch.device) -> list[str]:
+        """Lines for the start-up log (what was chosen for this hardware); none by default."""
+        return []
 
 
-def newton_schulz(g: Tensor, steps: int = 5, dtype: torch.dtype | None = None, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalise each matrix of g (..., m, n): U·f(S)·Vᵀ with f(s) ≈ 1, where g = U·S·Vᵀ.
-
-    Scaling by the Frobenius norm puts every singular value in (0, 1]; each odd-polynomial step then maps the
-    singular values through p(s) = a·s + b·s³ + c·s⁵ while keeping the singular vectors. The iteration
-    tolerates low precision (bfloat16: about 3 significant digits), since only the direction matters.
-    """
-    a, b, c = NS_COEFFS
-    x = g.to(dtype or g.dtype).reshape(-1, *g.shape[-2:])  # (N, m, n)
-    wide = x.size(-2) <= x.size(-1)
-    if not wide:
-        x = x.mT  # work with the smaller Gram matrix x·xᵀ
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
-        gram = x @ x.mT  # (N, m, m)
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·gram + c·gram²
-        x = torch.baddbmm(x, poly, x, beta=a)  # a·x + poly·x
-    if not wide:
-        x = x.mT
-    return x.reshape(g.shape).to(g.dtype)
+OPTIMIZER_REGISTRY: dict[str, type[OptimizerFactory]] = {}
 
 
-class Muon(torch.optim.Optimizer):
-    """Momentum, orthogonalised: for each 2-D parameter W with gradient G,
+def register_optimizer(name: str) -> Callable[[type[OptimizerFactory]], type[OptimizerFactory]]:
+    """Class decorator: `@register_optimizer("mine")` makes `optim.name=mine` (or `optim=mine`) build with it."""
 
-        M <- μ·M + G;   U = G + μ·M (Nesterov) or M;   W <- W·(1 - lr·wd) - lr·√max(1, rows/cols)·NS(U)
+    def add(cls: type[OptimizerFactory]) -> type[OptimizerFactory]:
+        OPTIMIZER_REGISTRY[name] = cls
+        cls.name = name
+        return cls
 
-    A group may set `split` (row counts): the rows of each of its matrices are then separate matrices (the
-    fused query/key/value projection is three). Matrices of one shape are orthogonalised together, batched.
-    """
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 0.02,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        ns_steps: int = 5,
-        weight_decay: float = 0.0,
-        ns_dtype: torch.dtype | None = None,
-    ) -> None:
-        if lr < 0 or not 0.0 <= momentum < 1.0 or ns_steps < 1:
-            raise ValueError(
-                f"Muon needs lr >= 0, momentum in [0, 1) and ns_steps >= 1; got lr={lr}, momentum={momentum}, "
-                f"ns_steps={ns_steps}"
-            )
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
-                        split=None)
-        super().__init__(params, defaults)
-        self.ns_dtype = ns_dtype  # None: the parameters' own dtype
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() != 2:
-                    raise ValueError(f"Muon updates 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
-
-    @torch.no_grad()
-    def step(self, closure: Any = None, found_inf: Tensor | None = None) -> Any:
-        """One update; where `found_inf` (a 0-dim device tensor) is non-zero, parameters and momentum stay exactly
-        as they were. That is decided on the device, so the host never waits for the step to finish."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        keep = None if found_inf is None else found_inf == 0  # 0-dim bool on the device
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            mu, lr = group["momentum"], group["lr"]
-            grads = [p.grad for p in params]
-            if keep is not None:  # a skipped step: zero gradients, momentum kept (x1), learning rate 0
-                grads = [torch.where(keep, g, 0.0) for g in grads]  # non-finite gradients never reach the momentum
-                mu_keep, lr = torch.where(keep, mu, 1.0), torch.where(keep, lr, 0.0)
-            bufs = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, mu if keep is None else mu_keep)
-            torch._foreach_add_(bufs, grads)
-            updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else [b.clone() for b in bufs]
-            self._orthogonalise(updates, group["split"], group["ns_steps"], self.ns_dtype)
-            if group["weight_decay"] != 0:
-                decay = 1.0 - group["lr"] * group["weight_decay"]  # in double, rounded once, as a plain step does
-                torch._foreach_mul_(params, decay if keep is None else torch.where(keep, decay, 1.0))
-            torch._foreach_mul_(updates, -lr)
-            torch._foreach_add_(params, updates)
-        return loss
-
-    @staticmethod
-    def _orthogonalise(updates: list[Tensor], split: list[int] | None, steps: int, dtype: torch.dtype | None) -> None:
-        """Replace each (piece of an) update in place by its scaled Newton-Schulz orthogonalisation."""
-        # Group the pieces by shape, tall ones transposed (the orthogonalisation commutes with transposing), so
-        # that one batched iteration serves e.g. the MLP's (4C, C) and (C, 4C) matrices together.
-        by_shape: dict[tuple[int, int], list[Tensor]] = defaultdict(list)
-        for u in updates:
-            for piece in (u.split(list(split), dim=0) if split else (u,)):  # views into u
-                by_shape[tuple(sorted(piece.shape))].append(piece)
-        for pieces in by_shape.values():
-            wide = [p if p.size(0) <= p.size(1) else p.mT for p in pieces]  # views
-            ortho = newton_schulz(torch.stack(wide), steps, dtype)  # (N, small, large)
-            torch._foreach_copy_(wide, list(ortho.unbind()))  # one launch per shape, not one per piece
-            tall = [p for p in pieces if p.size(0) > p.size(1)]  # tall pieces are scaled up by sqrt(rows/cols)
-            if tall:
-                torch._foreach_mul_(tall, math.sqrt(tall[0].size(0) / tall[0].size(1)))
+    return add
 
 
-class MuonWithAdamW:
-    """Muon for the hidden matrices and AdamW for the rest, behind one optimizer interface.
-
-    `param_groups` lists AdamW's groups, then Muon's; `state_dict()` holds both optimizers' states.
-    """
-
-    def __init__(self, adamw: torch.optim.AdamW, muon: Muon) -> None:
-        self.adamw, self.muon = adamw, muon
-        self.optimizers = (adamw, muon)
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.adamw.param_groups + self.muon.param_groups
-
-    @property
-    def state(self) -> dict[Tensor, Any]:
-        return {**self.adamw.state, **self.muon.state}
-
-    def step(self, closure: Any = None) -> None:
-        if closure is not None:
-            raise ValueError("MuonWithAdamW.step takes no closure")
-        for opt in self.optimizers:
-            opt.step()
-
-    def step_unless(self, bad: Tensor) -> None:
-        """`step_unless(self, bad)` for both optimizers."""
-        step_unless(self.adamw, bad)
-        self.muon.step(found_inf=bad.float())
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if set(state) != {"adamw", "muon"}:
-            raise ValueError("the checkpoint's optimizer state is not Muon+AdamW (optim.name=muon); resume with the "
-                             "optim.name it was trained with")
-        self.adamw.load_state_dict(state["adamw"])
-        self.muon.load_state_dict(state["muon"])
+def optimizer_class(name: str) -> type[OptimizerFactory]:
+    """The registered optimizer called `name`; a one-line ValueError listing the valid names otherwise."""
+    check_choice("optim.name", name, tuple(OPTIMIZER_REGISTRY))
+    return OPTIMIZER_REGISTRY[name]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Skipping a step without a host sync
+def check_optimizer_config(cfg: RunConfig) -> None:
+    """optim.name is registered, and the optimizer can run under train.strategy."""
+    cls = optimizer_class(cfg.optim.name)
+    if cls.whole_matrices is not None and cfg.train.strategy == "fsdp":
+        raise ValueError(
+            f"optim.name={cfg.optim.name} cannot be combined with train.strategy=fsdp: {cls.whole_matrices} "
+            f"and FSDP shards them; use train.strategy=ddp or optim.name=adamw"
+        )
 
 
-def skips_on_device(optimizer: Any) -> bool:
-    """Whether `step_unless` can skip a step without the host reading the decision: fused AdamW (alone or beside
-    Muon) can; foreach AdamW (e.g. on MPS) cannot."""
-    adamw = optimizer.adamw if isinstance(optimizer, MuonWithAdamW) else optimizer
-    return isinstance(adamw, torch.optim.AdamW) and all(g.get("fused") for g in adamw.param_groups)
-
-
-def step_unless(optimizer: Any, bad: Tensor) -> None:
-    """`optimizer.step()`, except that where `bad` (a 0-dim bool tensor on the device) is true nothing changes:
-    not the weights, not the moments, not AdamW's step count.
-
-    The decision stays on the device, so the host can queue the next step while this one runs (a host read per
-    step would stall the GPU on every step). Fused AdamW takes it as `found_inf`, the way GradScaler tells it
-    about overflowing fp16 gradients; Muon masks its own update. Needs `skips_on_device(optimizer)`.
-    """
-    if isinstance(optimizer, MuonWithAdamW):
-        optimizer.step_unless(bad)
-        return
-    if not skips_on_device(optimizer):
-        raise ValueError("step_unless needs fused AdamW (or Muon with it); this optimizer must be stepped by the host")
-    optimizer.found_inf = bad.float()
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.found_inf
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Building the optimizer for a model
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> Any:
+    """The optimizer optim.name names, for `model`'s parameters."""
+    return optimizer_class(cfg.optim.name).build(model, cfg, device)
 
 
 def is_hidden_matrix(name: str, p: Tensor) -> bool:
@@ -287,42 +134,61 @@ def is_hidden_matrix(name: str, p: Tensor) -> bool:
     return p.dim() == 2 and name.startswith("blocks.")
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> Any:
-    """AdamW (optim.name=adamw), or Muon for hidden matrices with AdamW for the rest (optim.name=muon).
-
-    AdamW decays weight matrices only; biases and norm gains never decay.
-    """
+def adamw_groups(params: list[tuple[str, Tensor]], cfg: RunConfig) -> list[dict[str, Any]]:
+    """AdamW's two groups: weight matrices decay (the embeddings when optim.decay_embeddings), biases and norm gains
+    never do."""
     o = cfg.optim
-    assert o.name in OPTIMIZERS, o.name  # OptimConfig refused any other name
-    use_muon = o.name == "muon"
-    decay, no_decay, hidden, fused_qkv = [], [], [], []
-    for name, p in model.named_parameters():
-        if use_muon and is_hidden_matrix(name, p):
-            # RunConfig refuses optim.name=muon with train.strategy=fsdp: Muon needs whole matrices.
+    decay, no_decay = [], []
+    for name, p in params:
+        is_embedding = name.startswith(("wte.", "wpe."))
+        (decay if p.dim() >= 2 and (o.decay_embeddings or not is_embedding) else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": o.weight_decay, "base_lr": cfg.train.lr},
+        {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.train.lr},
+    ]
+
+
+def build_adamw(params: list[tuple[str, Tensor]], cfg: RunConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `params`, fused where torch has the fused kernel (it takes found_inf: steps skip on the device)."""
+    o = cfg.optim
+    return torch.optim.AdamW(adamw_groups(params, cfg), lr=cfg.train.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=device.type in ("cuda", "cpu"))
+
+
+@register_optimizer("adamw")
+class AdamWFactory(OptimizerFactory):
+    """AdamW for every parameter (GPT-2, nanoGPT)."""
+
+    @classmethod
+    def build(cls, model, cfg, device):
+        return build_adamw(list(model.named_parameters()), cfg, device)
+
+
+@register_optimizer("muon")
+class MuonFactory(OptimizerFactory):
+    """Muon for the hidden matrices (optim.muon.*), AdamW for embeddings, head, biases and norm gains."""
+
+    whole_matrices = "Muon orthogonalises whole matrices"
+
+    @classmethod
+    def notes(cls, cfg, device):
+        return [ns_dtype_note(cfg.optim.muon.ns_dtype, device)]
+
+    @classmethod
+    def build(cls, model, cfg, device):
+        rest, hidden, fused_qkv = [], [], []
+        for name, p in model.named_parameters():
+            if not is_hidden_matrix(name, p):
+                rest.append((name, p))
+                continue
+            # check_optimizer_config refuses muon with train.strategy=fsdp: Muon needs whole matrices.
             assert type(p).__name__ != "DTensor", "Muon cannot orthogonalise a sharded (FSDP) matrix"
             # The canonical fused projection stacks Q, K and V: orthogonalise them as the three maps they are.
             (fused_qkv if name.endswith(("attn.qkv.weight", "attn.mha.in_proj_weight")) else hidden).append(p)
-            continue
-        is_matrix = p.dim() >= 2
-        is_embedding = name.startswith(("wte.", "wpe."))
-        if is_matrix and (o.decay_embeddings or not is_embedding):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    lr = cfg.train.lr
-    groups = [
-        {"params": decay, "weight_decay": o.weight_decay, "base_lr": lr},
-        {"params": no_decay, "weight_decay": 0.0, "base_lr": lr},
-    ]
-    fused = device.type in ("cuda", "cpu")
-    adamw = torch.optim.AdamW(groups, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
-    if not use_muon:
-        return adamw
-    mc = model.config
-    kv = mc.n_kv_head * mc.head_dim
-    muon_groups = [{"params": hidden, "base_lr": o.muon_lr, "split": None},
-                   {"params": fused_qkv, "base_lr": o.muon_lr, "split": [mc.n_embd, kv, kv]}]
-    muon_groups = [g for g in muon_groups if g["params"]]
-    muon = Muon(muon_groups, lr=o.muon_lr, momentum=o.muon_momentum, nesterov=o.muon_nesterov,
-                ns_steps=o.muon_ns_steps, weight_decay=o.muon_weight_decay, ns_dtype=ns_dtype(o.muon_ns_dtype, device))
-    return MuonWithAdamW(adamw, muon)
+        m, mc = cfg.optim.muon, model.config
+        kv = mc.n_kv_head * mc.head_dim
+        groups = [{"params": hidden, "base_lr": m.lr, "split": None},
+                  {"params": fused_qkv, "base_lr": m.lr, "split": [mc.n_embd, kv, kv]}]
+        muon = Muon([g for g in groups if g["params"]], lr=m.lr, momentum=m.momentum, nesterov=m.nesterov,
+                    ns_steps=m.ns_steps, weight_decay=m.weight_decay, ns_dtype=ns_dtype(m.ns_dtype, device))
+        return MuonWithAdamW(build_adamw(rest, cfg, device), muon)

@@ -244,3 +244,22 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+@contextlib.contextmanager
+def profiler(enabled: bool, run_dir: Path) -> Iterator[Any]:
+    """torch.profiler over a few steps, written as a TensorBoard trace (works for CUDA, ROCm/HIP and CPU)."""
+    if not enabled:
+        yield None
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(
+        activities=activities,
+        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=tensorboard_trace_handler(str(run_dir / "profile")),
+        record_shapes=True,
+    ) as prof:
+        yield prof

@@ -18,6 +18,7 @@ import torch
 
 from gptmini import data as data_lib
 from gptmini.attention import ATTENTION_REGISTRY
+from gptmini.backend_probe import KernelReport, math_fallback_warning, probe_attention_kernel
 from gptmini.checkpoint import (
     CheckpointError,
     check_compatible,
@@ -25,15 +26,15 @@ from gptmini.checkpoint import (
     checkpoint_dir,
     load_checkpoint,
     resume_path,
+    upgrade_saved_config,
 )
 from gptmini.config import ModelConfig, RunConfig
 from gptmini.config_checks import check_run_config
 from gptmini.device import DeviceInfo, describe, resolve_device, resolve_dtype
 from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_state, resolve_strategy, wrap_model
 from gptmini.finite import check_finite_weights
-from gptmini.kernels import KernelReport, math_fallback_warning, probe_attention_kernel
 from gptmini.model import GPT
-from gptmini.optim import lr_at, make_optimizer, ns_dtype_note
+from gptmini.optim import lr_at, make_optimizer, optimizer_class
 from gptmini.pretrained import (
     build_gpt,
     check_pretrained_tokenizer,
@@ -41,6 +42,7 @@ from gptmini.pretrained import (
     load_pretrained,
     resolve_pretrained,
 )
+from gptmini.run_log import flatten
 from gptmini.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -87,8 +89,7 @@ def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
     notes = [f"device: {hw.info.backend}; dtype: {str(hw.dtype).removeprefix('torch.')}"]
     if env.enabled:
         notes.append(f"distributed: {env.world_size} processes, strategy {hw.strategy}")
-    if cfg.optim.name == "muon":
-        notes.append(ns_dtype_note(cfg.optim.muon_ns_dtype, hw.device))
+    notes.extend(optimizer_class(cfg.optim.name).notes(cfg, hw.device))  # e.g. Muon's Newton-Schulz dtype
     # Refuse what the attention variant cannot do here (flex on CPU, ...) before preparing any data.
     ATTENTION_REGISTRY[cfg.model.attention.name].check_device(cfg.model, hw.device, training=True)
     resume_from = resume_path(cfg.train.resume, checkpoint_dir(run_dir))
@@ -125,8 +126,8 @@ def resume_changes(resume: dict[str, Any], cfg: RunConfig) -> list[str]:
     (the learning-rate schedule is recomputed over the new train.max_iters), and says so."""
     notes = []
     for section in ("train", "optim"):
-        saved = resume["config"].get(section, {})
-        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+        saved = flatten(upgrade_saved_config(resume["config"]).get(section, {}))
+        for key, value in flatten(dataclasses.asdict(getattr(cfg, section))).items():
             if key in saved and saved[key] != value and key not in ("resume", "stop_after"):
                 notes.append(f"resume: {section}.{key} is now {value!r} (the checkpoint's run had {saved[key]!r})")
     return notes + _schedule_note(resume, cfg)

@@ -91,7 +91,7 @@ def one_shape_mode(model: GPT) -> str | None:
     return "reduce-overhead" if model.wte.weight.device.type == "cuda" else None
 
 
-class Window:
+class ContextStep:
     """The uncached step: the whole context (B, T <= block_size) in one pass -> the logits (B, V) of its last position.
 
     Once the context fills `block_size` and slides, every step has the same shape, so with `compile` that step is
@@ -104,7 +104,7 @@ class Window:
     def __call__(self, context: Tensor) -> Tensor:
         if self.full_fn is None or context.size(1) < self.model.config.block_size:
             return last_logits(self.model, context)
-        # contiguous: a window cut from a longer tensor has other strides, which Dynamo would compile again for
+        # contiguous: a context cut from a longer tensor has other strides, which Dynamo would compile again for
         logits = self.full_fn(self.model, context.contiguous())
         return logits.clone()  # a CUDA graph's output is overwritten by its next replay
 
@@ -126,25 +126,25 @@ def generate_stream(
 
     Each token is predicted from at most the last `block_size` tokens, with or without the cache. With the
     cache, the prompt is prefilled in one pass and each new token costs one single-position forward, until the
-    context fills `block_size`. From then on the window slides by one token per step and no cached key or value
+    context fills `block_size`. From then on the context slides by one token per step and no cached key or value
     stays valid: with learned positions every token's position embedding changes, and in a multi-layer model
     (RoPE too) the hidden states of the tokens that attended to the one that just left change with it. So the
-    window is recomputed in one pass per token, exactly as without the cache: cached and uncached decoding
+    context is recomputed in one pass per token, exactly as without the cache: cached and uncached decoding
     agree everywhere, and the cache saves work within the first `block_size` tokens only.
     `static` / `compile`: the fixed-shape cache and the compiled decode step (compile implies static; see Decoder);
-    `compile` also compiles the full sliding window (see Window).
+    `compile` also compiles the full sliding context (see ContextStep).
     """
     if max_new_tokens <= 0:
         return
     block = model.config.block_size
     context = idx[:, -block:]  # (B, <= block)
-    window = Window(model, compile)
+    whole_context = ContextStep(model, compile)
     decoder = None
     if kv_cache and context.size(1) < block:
         kind = idx.device.type  # under autocast, keep keys and values in the dtype they are computed in
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
         decoder = Decoder(model, idx.size(0), dtype, static=static, compile=compile)
-    logits = decoder(context) if decoder is not None else window(context)  # prefill: (B, V)
+    logits = decoder(context) if decoder is not None else whole_context(context)  # prefill: (B, V)
     for i in range(max_new_tokens):
         token = next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
         yield token
@@ -153,9 +153,9 @@ def generate_stream(
         context = torch.cat([context, token], dim=1)[:, -block:]  # (B, <= block)
         if decoder is not None and decoder.pos < block:
             logits = decoder(token)  # one new position
-        else:  # no cache, or the window is full and slides: the whole window in one pass
+        else:  # no cache, or the context is full and slides: the whole context in one pass
             decoder = None
-            logits = window(context)
+            logits = whole_context(context)
 
 
 def generate(model: GPT, idx: Tensor, max_new_tokens: int, **kwargs) -> Tensor:

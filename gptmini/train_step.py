@@ -32,7 +32,7 @@ class StepResult:
 
 @dataclass
 class StepStats:
-    """What the device knows after the latest step, read by `Trainer.read` (one host sync)."""
+    """What the device knows after the latest step, read by `TrainStep.read` (one host sync)."""
 
     loss: float  # the latest step's loss: mean over its micro-batches (and ranks)
     grad_norm: float  # the latest step's gradient norm, before clipping
@@ -41,7 +41,7 @@ class StepStats:
     longest_bad_run: int  # the most steps in a row skipped so far (a run may end between two reads)
 
 
-class Trainer:
+class TrainStep:
     """The optimisation step and its counters; knows nothing of files, logs or cadence.
 
     `train_step` never waits for the device: the non-finite check decides on the device whether the update is

@@ -1,9 +1,9 @@
 """The training loop, as a library function: `train(config, run_dir)`.
 
 Read it top to bottom: `train` locks the run directory, builds the run (`gptmini.run_setup`, which checks
-everything before a file is written), then `TrainingRun.run` restores a checkpoint, and for each step calls
-`Trainer.train_step` followed by the cadence hooks (log, evaluate, attention maps, checkpoint, stop signal), and
-ends with the whole-split evaluation. `Trainer.train_step` (in gptmini.train_step, the layer below) is the
+everything before a file is written), then `TrainingLoop.run` restores a checkpoint, and for each step calls
+`TrainStep.train_step` followed by the cadence hooks (log, evaluate, attention maps, checkpoint, stop signal), and
+ends with the whole-split evaluation. `TrainStep.train_step` (in gptmini.train_step, the layer below) is the
 optimisation step alone (accumulation, autocast, gradient scaling and clipping, the non-finite skip, optimizer
 and schedule); `benchmarks/train.py` times that very method.
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from gptmini import data as data_lib
+from gptmini.attention import attention_class
 from gptmini.checkpoint import BEST, LAST, checkpoint_dir, rng_state, save_checkpoint, set_rng_state
 from gptmini.config import RunConfig
 from gptmini.device import flops_per_token, mfu, peak_flops, peak_memory_bytes, reset_peak_memory
@@ -55,15 +56,16 @@ from gptmini.run_log import (
     TensorBoard,
     final_metrics,
     format_bytes,
+    profiler,
     progress_bar,
     run_outputs,
     to_yaml,
 )
 from gptmini.run_setup import RunParts, TrainingError, build_run
 from gptmini.sampling import generate
-from gptmini.train_step import Batches, StepResult, StepStats, Trainer
+from gptmini.train_step import Batches, StepResult, StepStats, TrainStep
 
-__all__ = ["StepResult", "StepStats", "TrainResult", "Trainer", "TrainingError", "TrainingRun", "train"]
+__all__ = ["StepResult", "StepStats", "TrainResult", "TrainStep", "TrainingError", "TrainingLoop", "train"]
 
 @dataclass
 class TrainResult:
@@ -92,13 +94,13 @@ def train(cfg: RunConfig, run_dir: str | Path) -> TrainResult:
             with run_outputs(run_dir, env.is_main) as (log, tb):
                 for line in parts.notes:
                     log.info(line)
-                return TrainingRun(cfg, run_dir, parts, log, tb).run()
+                return TrainingLoop(cfg, run_dir, parts, log, tb).run()
     finally:
         if env.enabled:
             destroy_process_group()
 
 
-class TrainingRun:
+class TrainingLoop:
     """One run's loop: the trainer plus the data, the logs and the checkpoint cadence."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, parts: RunParts, log: Any, tb: TensorBoard) -> None:
@@ -106,7 +108,7 @@ class TrainingRun:
         self.cfg, self.t, self.hw, self.parts, self.log, self.tb = cfg, t, hw, parts, log, tb
         self.run_dir, self.ckpt_dir = run_dir, checkpoint_dir(run_dir)
         self.model, self.model_cfg, self.data = parts.model, parts.model_cfg, parts.data
-        self.trainer = Trainer(cfg, parts.model, parts.optimizer, hw, parts.wrapped)
+        self.trainer = TrainStep(cfg, parts.model, parts.optimizer, hw, parts.wrapped)
         self.sampler = data_lib.BatchSampler(self.data.train, self.model_cfg.block_size, t.batch_size, seed=t.seed,
                                              device=hw.device, rank=hw.env.rank, world_size=hw.env.world_size)
         self.batches: Batches = iter(self.sampler.next_batch, None)
@@ -124,6 +126,9 @@ class TrainingRun:
         self.reported_skipped, self.last_look = 0, 0  # skipped steps already reported, and when they were counted
         self.tokens_per_s: list[float] = []  # each log interval's throughput: the final metrics take the median
         reset_peak_memory(hw.device)  # the run's peak memory, not that of the data preparation before it
+        # Attention maps only from a variant that returns its weights (its `returns_weights` flag).
+        self.draws_attention = attention_class(self.model_cfg.attention.name).returns_weights
+        self.attn_interval = t.attn_interval if self.draws_attention else 0
 
     def run(self) -> TrainResult:
         self.restore()
@@ -176,8 +181,14 @@ class TrainingRun:
         self.log.info(f"run directory: {self.run_dir}")
         self.log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={self.model_cfg.attention.name}")
         self.tb.scalars({TAG_PARAMETERS: n_params}, self.trainer.step)
+        if not self.draws_attention and self.t.attn_interval > 0:
+            self.log.info(f"attention maps: none (attention variant {self.model_cfg.attention.name!r} returns no "
+                          f"weights; train.attn_interval={self.t.attn_interval} is ignored)")
         self.tb.text("system/backend", f"{self.hw.info.backend}; dtype {self.hw.dtype}; torch {torch.__version__}; "
                      f"{self.hw.env.world_size} process(es)", self.trainer.step, code=False)
+        if not self.trainer.skip_on_device and not self.trainer.scaler.is_enabled():
+            self.log.info(f"note: the optimizer ({type(self.parts.optimizer).__name__}) cannot skip a non-finite step "
+                          f"on the device (gptmini.step_skip); the host checks each step's loss (one sync a step)")
         if self.parts.kernel is not None:
             self.tb.text("system/attention_kernel", self.parts.kernel.line(), self.trainer.step, code=False)
 
@@ -190,7 +201,7 @@ class TrainingRun:
         """Whether anything but training happens after `step`; only then does the loop wait for the device."""
         t = self.t
         return (stopped or step == t.max_iters or step % t.ckpt_interval == 0
-                or any(self.due(i, step) for i in (t.log_interval, t.eval_interval, t.attn_interval)))
+                or any(self.due(i, step) for i in (t.log_interval, t.eval_interval, self.attn_interval)))
 
     def after_step(self, result: StepResult, bar: Any, stopped: bool) -> None:
         waiting = time.perf_counter()
@@ -201,7 +212,7 @@ class TrainingRun:
             self.log_step(result, stats, bar)
         if self.due(self.t.eval_interval, result.step):
             self.evaluate_and_log(result.step)
-        if self.due(self.t.attn_interval, result.step):
+        if self.due(self.attn_interval, result.step):
             self.log_attention(result.step)
         self.checkpoint_cadence(result.step, stopped)
 
@@ -371,21 +382,3 @@ def stop_on_signals() -> Iterator[dict[str, bool]]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-@contextlib.contextmanager
-def profiler(enabled: bool, run_dir: Path) -> Iterator[Any]:
-    """torch.profiler over a few steps, written as a TensorBoard trace (works for CUDA, ROCm/HIP and CPU)."""
-    if not enabled:
-        yield None
-        return
-    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(
-        activities=activities,
-        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-        on_trace_ready=tensorboard_trace_handler(str(run_dir / "profile")),
-        record_shapes=True,
-    ) as prof:
-        yield prof

@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from model_helpers import tiny_config  # noqa: E402
 
 ALL = sorted(ATTENTION_REGISTRY)
-# flex has no backward on CPU in torch 2.13: its gradients are compared on a GPU (tests/test_gpu.py).
-GRAD_ON_CPU = [n for n in ALL if n != "flex"]
+# Variants are chosen by their capability flags, never by name, so a new variant joins every test that applies.
+# flex has no backward on CPU in torch 2.13 (trains_on_cpu=False): its gradients are compared on a GPU (test_gpu.py).
+GRAD_ON_CPU = [n for n in ALL if ATTENTION_REGISTRY[n].trains_on_cpu]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -181,8 +182,10 @@ def test_causal_mha_on_seed_tokens_with_identity_projections():
 # Every variant against the reference
 
 
-# swa is pinned by the loop reference below; torch_mha refuses RoPE by design (test_torch_mha_refuses_rope).
-VS_MHA = [(n, pos) for n in ALL for pos in ("learned", "rope") if n != "swa" and (n, pos) != ("torch_mha", "rope")]
+# Windowed variants (swa) are pinned by the loop reference below; a variant that cannot apply RoPE (torch_mha)
+# refuses it by design (test_torch_mha_refuses_rope).
+VS_MHA = [(n, pos) for n in ALL for pos in ("learned", "rope")
+          if "window" not in ATTENTION_REGISTRY[n].reads and (pos == "learned" or ATTENTION_REGISTRY[n].applies_rope)]
 
 
 @pytest.mark.parametrize(("name", "pos"), VS_MHA)
@@ -286,7 +289,7 @@ def test_causality(name):
     assert not torch.allclose(y[:, 6:], y2[:, 6:], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if n != "flex"])
+@pytest.mark.parametrize("name", [n for n in ALL if ATTENTION_REGISTRY[n].has_dropout])
 def test_attention_dropout(name):
     p = 0.5
     module = make(name, dropout=p)
@@ -415,15 +418,15 @@ def test_unknown_variant_lists_valid_names():
 
 def test_swa_without_a_window_gets_the_default_one():
     module = build_attention(config("mha", attention=AttentionConfig("swa")))
-    assert module.window == 64  # SWA_DEFAULT_WINDOW, filled in by ModelConfig and recorded there
+    assert module.window == 64  # SlidingWindowAttention.DEFAULT_WINDOW, filled in by ModelConfig and recorded there
 
 
 def test_settings_a_variant_ignores_are_refused():
     for name in ALL:
-        if name != "swa":
+        if "window" not in ATTENTION_REGISTRY[name].reads:
             with pytest.raises(ValueError, match=rf"model.attention.window=4 is ignored by attention variant '{name}'"):
                 check_attention_config(AttentionConfig(name, window=4))
-        if name != "gqa":
+        if "n_kv_head" not in ATTENTION_REGISTRY[name].reads:
             with pytest.raises(ValueError, match=rf"model.attention.n_kv_head=4 is ignored by .*'{name}'.*only gqa"):
                 check_attention_config(AttentionConfig(name, n_kv_head=4))
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptmini import generation
+from gptmini import generate_command
 from gptmini.config import GenerateConfig, ModelConfig
-from gptmini.generation import check_sample_memory, sample_bytes
+from gptmini.generate_command import check_sample_memory, sample_bytes
 from gptmini.model import GPT
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,11 +28,11 @@ def test_sample_bytes_counts_ids_kv_cache_and_logits():
 def test_num_samples_beyond_free_memory_is_refused(monkeypatch):
     model = tiny()
     per_row = sample_bytes(model, 5, 20)
-    monkeypatch.setattr(generation, "available_memory", lambda device: 1000 * per_row)
+    monkeypatch.setattr(generate_command, "available_memory", lambda device: 1000 * per_row)
     check_sample_memory(GenerateConfig(ckpt="x", num_samples=1000, max_new_tokens=20), model, 5, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"^num_samples=1001 needs at least .* GiB .* free on cpu"):
         check_sample_memory(GenerateConfig(ckpt="x", num_samples=1001, max_new_tokens=20), model, 5,
                             torch.device("cpu"))
-    monkeypatch.setattr(generation, "available_memory", lambda device: None)  # unknown: no bound
+    monkeypatch.setattr(generate_command, "available_memory", lambda device: None)  # unknown: no bound
     check_sample_memory(GenerateConfig(ckpt="x", num_samples=10**9, max_new_tokens=20), model, 5,
                         torch.device("cpu"))

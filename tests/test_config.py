@@ -15,12 +15,13 @@ from gptmini.config import (
     AttentionConfig,
     GenerateConfig,
     ModelConfig,
+    MuonConfig,
     OptimConfig,
     RunConfig,
     TrainConfig,
     register_configs,
 )
-from gptmini.config_checks import check_model_config
+from gptmini.config_checks import check_model_config, check_run_config
 
 
 def compose_train(*overrides: str) -> RunConfig:
@@ -87,22 +88,29 @@ def test_train_config_refuses(key, value, message):
 
 
 OPTIM_CASES = [
-    ("name", "sgd", "optim.name='sgd' is unknown; valid: adamw, muon"),
     ("beta1", 1.0, "optim.beta1=1.0 must be a finite number in [0, 1)"),
     ("beta2", -0.1, "optim.beta2=-0.1 must be a finite number in [0, 1)"),
     ("eps", 0.0, "optim.eps=0.0 must be a finite number > 0"),
     ("weight_decay", -0.1, "optim.weight_decay=-0.1 must be a finite number >= 0"),
-    ("muon_weight_decay", -1.0, "optim.muon_weight_decay=-1.0 must be a finite number >= 0"),
-    ("muon_lr", math.nan, "optim.muon_lr=nan must be a finite number >= 0"),
-    ("muon_momentum", 1.0, "optim.muon_momentum=1.0 must be a finite number in [0, 1)"),
-    ("muon_ns_steps", 0, "optim.muon_ns_steps=0 must be a positive integer"),
-    ("muon_ns_dtype", "float16", "optim.muon_ns_dtype='float16' is unknown; valid: auto, float32, bfloat16"),
+    ("muon.weight_decay", -1.0, "optim.muon.weight_decay=-1.0 must be a finite number >= 0"),
+    ("muon.lr", math.nan, "optim.muon.lr=nan must be a finite number >= 0"),
+    ("muon.momentum", 1.0, "optim.muon.momentum=1.0 must be a finite number in [0, 1)"),
+    ("muon.ns_steps", 0, "optim.muon.ns_steps=0 must be a positive integer"),
+    ("muon.ns_dtype", "float16", "optim.muon.ns_dtype='float16' is unknown; valid: auto, float32, bfloat16"),
 ]
 
 
 @pytest.mark.parametrize(("key", "value", "message"), OPTIM_CASES, ids=[f"{k}={v!r}" for k, v, _ in OPTIM_CASES])
 def test_optim_config_refuses(key, value, message):
-    refused(lambda: OptimConfig(**{key: value}), message)
+    section, _, name = key.rpartition(".")  # optim.muon.* settings sit in OptimConfig.muon
+    refused(lambda: OptimConfig(**{name: value}) if not section else OptimConfig(muon=MuonConfig(**{name: value})),
+            message)
+
+
+def test_an_unregistered_optimizer_is_refused_where_the_config_enters():
+    """Which optimizers exist, the registry says (gptmini.optim), asked by gptmini.config_checks."""
+    refused(lambda: check_run_config(RunConfig(optim=OptimConfig(name="sgd"))),
+            "optim.name='sgd' is unknown; valid: adamw, muon")
 
 
 def test_defaults_and_edge_values_are_accepted():
@@ -110,7 +118,7 @@ def test_defaults_and_edge_values_are_accepted():
     TrainConfig(max_iters=0, warmup_iters=0, eval_interval=0, attn_interval=0, sample_tokens=0, grad_clip=0.0,
                 min_lr_ratio=0.0, decay_frac=1.0, seed=0, stop_after=None, eval_window=None, resume="/a/last.pt")
     TrainConfig(seed=2**31 - 1, min_lr_ratio=1.0, lr=1, lr_schedule="wsd", strategy="fsdp", device="cpu")
-    OptimConfig(name="muon", beta1=0.0, weight_decay=0.0, muon_ns_dtype="bfloat16", muon_ns_steps=1)
+    OptimConfig(name="muon", beta1=0.0, weight_decay=0.0, muon=MuonConfig(ns_dtype="bfloat16", ns_steps=1))
 
 
 def test_run_config_cross_checks_name_both_keys():
@@ -118,7 +126,7 @@ def test_run_config_cross_checks_name_both_keys():
     refused(lambda: RunConfig(model=model, train=TrainConfig(eval_window=65)),
             "train.eval_window=65 is larger than model.block_size=64")
     RunConfig(model=model, train=TrainConfig(eval_window=64))
-    refused(lambda: RunConfig(optim=OptimConfig(name="muon"), train=TrainConfig(strategy="fsdp")),
+    refused(lambda: check_run_config(RunConfig(optim=OptimConfig(name="muon"), train=TrainConfig(strategy="fsdp"))),
             "optim.name=muon cannot be combined with train.strategy=fsdp")
 
 

@@ -20,7 +20,7 @@ from gptmini import data as data_lib
 from gptmini.checkpoint import load_checkpoint
 from gptmini.config import AttentionConfig, DataConfig, EvalOptions, EvaluateConfig, GenerateConfig, ModelOverride
 from gptmini.evaluate import run_evaluation
-from gptmini.generation import run_generation
+from gptmini.generate_command import run_generation
 from gptmini.pretrained import key_map
 from gptmini.tokenizer import build_tokenizer
 from gptmini.trainer import train

@@ -18,7 +18,7 @@ from gptmini.checkpoint import load_checkpoint, load_for_inference, save_checkpo
 from gptmini.config import EvalOptions, EvaluateConfig, ExportConfig, GenerateConfig
 from gptmini.evaluate import run_evaluation
 from gptmini.export import run_export
-from gptmini.generation import run_generation
+from gptmini.generate_command import run_generation
 from gptmini.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

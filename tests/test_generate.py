@@ -1,4 +1,4 @@
-"""generate.py and gptmini.generation on a checkpoint written by the real trainer (trained once per module).
+"""generate.py and gptmini.generate_command on a checkpoint written by the real trainer (trained once per module).
 
 In-process through Hydra's compose API wherever possible; the command line itself (exit codes, one-line errors
 on stderr, no traceback) in a few subprocesses, the bad inputs batched into one.
@@ -29,7 +29,7 @@ from gptmini.checkpoint import load_checkpoint, load_for_inference, save_checkpo
 from gptmini.cli import to_dataclass
 from gptmini.config import AttentionConfig, GenerateConfig, register_configs
 from gptmini.drawing import SCALE_W
-from gptmini.generation import SEPARATOR, Continuation, run_generation
+from gptmini.generate_command import SEPARATOR, Continuation, run_generation
 from gptmini.heatmap import colorize, heatmap
 from gptmini.sampling import generate
 from gptmini.tokenizer import ByteTokenizer, CharTokenizer, TokenizerError
@@ -165,7 +165,7 @@ def test_end_of_text_stops_each_row(run_dir, monkeypatch):
             steps.append(i)
             yield torch.tensor([[script[r][i]] for r in rows])  # (N, 1)
 
-    monkeypatch.setattr("gptmini.generation.generate_stream", scripted)
+    monkeypatch.setattr("gptmini.generate_command.generate_stream", scripted)
     rows = [0, 1, 2]
     samples, streamed = generate_text(run_dir, prompt="x", num_samples=3, max_new_tokens=7)
     assert samples == ["xaaa", "xbbbbb", "xabababa"]

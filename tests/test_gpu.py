@@ -15,10 +15,10 @@ from model_helpers import tiny_config
 from test_train import make_config
 
 from gptmini.attention import ATTENTION_REGISTRY, build_attention
+from gptmini.backend_probe import probe_attention_kernel
 from gptmini.checkpoint import load_checkpoint
 from gptmini.config import GenerateConfig
-from gptmini.generation import run_generation
-from gptmini.kernels import probe_attention_kernel
+from gptmini.generate_command import run_generation
 from gptmini.trainer import train
 
 pytestmark = [

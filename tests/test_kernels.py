@@ -15,14 +15,14 @@ from test_train import make_config
 
 from gptmini import run_setup
 from gptmini.attention import build_attention
-from gptmini.checkpoint import load_checkpoint
-from gptmini.kernels import (
+from gptmini.backend_probe import (
     ROCM_EXPERIMENTAL,
     KernelReport,
     backend_from_ops,
     math_fallback_warning,
     probe_attention_kernel,
 )
+from gptmini.checkpoint import load_checkpoint
 from gptmini.trainer import train
 
 CUDA = torch.device("cuda")

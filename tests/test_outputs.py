@@ -17,7 +17,7 @@ import pytest
 
 from gptmini import paths
 from gptmini.config import GenerateConfig
-from gptmini.generation import run_generation
+from gptmini.generate_command import run_generation
 from gptmini.paths import HOST, write_atomic
 from gptmini.trainer import train
 

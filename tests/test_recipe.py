@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from model_helpers import tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every variant that can take QK-norm (torch_mha projects Q and K inside nn.MultiheadAttention).
-QK_NORM_VARIANTS = sorted(n for n in ATTENTION_REGISTRY if n != "torch_mha")
+# Every variant that can take QK-norm (its applies_qk_norm flag; torch_mha projects Q and K inside
+# nn.MultiheadAttention).
+QK_NORM_VARIANTS = sorted(n for n, cls in ATTENTION_REGISTRY.items() if cls.applies_qk_norm)
 
 
 cfg = tiny_config  # cfg(name, **overrides): the shared tiny model config (tests/model_helpers.py)
@@ -172,7 +173,7 @@ def test_qk_norm_gain_learns_goes_to_adamw_undecayed_and_needs_qk_norm():
         cfg("sdpa", qk_norm_gain=True)
 
 
-@pytest.mark.parametrize("src", [n for n in weight_compatible_variants() if n != "torch_mha"])
+@pytest.mark.parametrize("src", [n for n in weight_compatible_variants() if ATTENTION_REGISTRY[n].applies_qk_norm])
 def test_qk_norm_model_state_dict_portable_to_mha(src):
     torch.manual_seed(0)
     model = GPT(cfg(src, qk_norm=True, pos_encoding="rope")).eval()
@@ -361,7 +362,7 @@ def test_muon_gets_exactly_the_hidden_matrices(name):
     if name in ("sdpa", "gqa", "torch_mha"):
         kv = 128 // 4 * (2 if name == "gqa" else 4)
         assert fused and fused[0]["split"] == [128, kv, kv]
-    assert {g["base_lr"] for g in opt.muon.param_groups} == {run.optim.muon_lr}
+    assert {g["base_lr"] for g in opt.muon.param_groups} == {run.optim.muon.lr}
     assert {g["base_lr"] for g in opt.adamw.param_groups} == {run.train.lr}
 
 
@@ -400,7 +401,7 @@ def test_muon_with_adamw_trains_and_resumes_exactly():
 
 
 def test_set_lr_scales_every_group_from_its_own_peak():
-    run = run_config("optim.name=muon", "optim.muon_lr=0.05", "train.lr=0.002", "train.warmup_iters=10")
+    run = run_config("optim.name=muon", "optim.muon.lr=0.05", "train.lr=0.002", "train.warmup_iters=10")
     opt = make_optimizer(GPT(dataclasses.replace(run.model, vocab_size=20)), run, torch.device("cpu"))
     assert set_lr(opt, 4, run) == pytest.approx(0.002 * 0.5)
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([0.001, 0.025])
@@ -451,11 +452,11 @@ def test_ns_dtype_explicit_choices(cpu):
     cpu(AVX2_EPYC)
     assert ns_dtype("float32", torch.device("cpu")) == torch.float32
     assert ns_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16  # as asked, with a hint in the note
-    assert "set by optim.muon_ns_dtype=bfloat16; CPU AMD EPYC 7763" in ns_dtype_note("bfloat16", torch.device("cpu"))
+    assert "set by optim.muon.ns_dtype=bfloat16; CPU AMD EPYC 7763" in ns_dtype_note("bfloat16", torch.device("cpu"))
     assert "float32 or auto may be faster" in ns_dtype_note("bfloat16", torch.device("cpu"))
-    with pytest.raises(ValueError, match="optim.muon_ns_dtype='float16' is unknown; valid: auto, float32, bfloat16"):
+    with pytest.raises(ValueError, match="optim.muon.ns_dtype='float16' is unknown; valid: auto, float32, bfloat16"):
         ns_dtype("float16", torch.device("cpu"))
-    run = run_config("optim.name=muon", "optim.muon_ns_dtype=bfloat16")
+    run = run_config("optim.name=muon", "optim.muon.ns_dtype=bfloat16")
     opt = make_optimizer(GPT(dataclasses.replace(run.model, vocab_size=20)), run, torch.device("cpu"))
     assert opt.muon.ns_dtype == torch.bfloat16
 
@@ -489,7 +490,7 @@ def test_real_cpu_detection_agrees_with_torch():
 
 
 def test_speedrun_cpu_leaves_the_ns_dtype_to_the_hardware():
-    assert run_config("experiment=speedrun_cpu").optim.muon_ns_dtype == "auto"
+    assert run_config("experiment=speedrun_cpu").optim.muon.ns_dtype == "auto"
 
 
 def test_unknown_optimizer_and_schedule_are_refused():

@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gptmini.config import GenerateConfig
-from gptmini.generation import run_generation
+from gptmini.generate_command import run_generation
 from gptmini.run_log import BarSafeHandler
 from gptmini.trainer import train
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from model_helpers import tiny_config
 
-from gptmini import GPT
+from gptmini import ATTENTION_REGISTRY, GPT
 from gptmini.sampling import Decoder, generate
 
-STATIC = ["sdpa", "gqa", "swa"]  # the variants with `static_cache`
+STATIC = [n for n, cls in ATTENTION_REGISTRY.items() if cls.static_cache]  # asked of the flag, never by name
 
 
 def model_for(name: str, pos: str) -> GPT:

@@ -11,13 +11,13 @@ import pytest
 import torch
 from model_helpers import tiny_config
 
-from gptmini.config import OptimConfig, RunConfig, TrainConfig
+from gptmini.config import MuonConfig, OptimConfig, RunConfig, TrainConfig
 from gptmini.device import describe
 from gptmini.distributed import DistEnv
 from gptmini.model import GPT
 from gptmini.optim import make_optimizer, skips_on_device, step_unless
 from gptmini.run_setup import Hardware
-from gptmini.trainer import Trainer
+from gptmini.trainer import TrainStep
 
 CPU = torch.device("cpu")
 
@@ -25,7 +25,8 @@ CPU = torch.device("cpu")
 def run_config(optim: str, **train) -> RunConfig:
     # weight decay on, and a learning rate whose decay factor 1 - lr*wd rounds differently in float32 and in double
     # (a kept step must compute it as a plain step does)
-    optim_cfg = OptimConfig(name=optim, muon_ns_dtype="float32", muon_lr=0.012855827913956978, muon_weight_decay=0.1)
+    optim_cfg = OptimConfig(name=optim, muon=MuonConfig(ns_dtype="float32", lr=0.012855827913956978,
+                                                        weight_decay=0.1))
     return RunConfig(model=tiny_config("sdpa"), optim=optim_cfg,
                      train=TrainConfig(batch_size=4, warmup_iters=0, **train))
 
@@ -98,12 +99,12 @@ def no_host_reads():
             setattr(torch.Tensor, name, method)
 
 
-def make_trainer(optim: str) -> tuple[Trainer, itertools.cycle]:
+def make_trainer(optim: str) -> tuple[TrainStep, itertools.cycle]:
     torch.manual_seed(0)
     cfg = run_config(optim, grad_accum=2)
     model = GPT(cfg.model).train()
     hw = Hardware(env=DistEnv(), device=CPU, dtype=torch.float32, info=describe(CPU), strategy="none")
-    trainer = Trainer(cfg, model, make_optimizer(model, cfg, CPU), hw)
+    trainer = TrainStep(cfg, model, make_optimizer(model, cfg, CPU), hw)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randint(37, (4, 16), generator=gen), torch.randint(37, (4, 16), generator=gen))
                for _ in range(3)]

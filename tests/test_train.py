@@ -13,7 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptmini import train_step as step_module  # where Trainer looks up step_unless
+from gptmini import ATTENTION_REGISTRY
+from gptmini import train_step as step_module  # where TrainStep looks up step_unless
 from gptmini.checkpoint import CheckpointError, load_checkpoint
 from gptmini.cli import to_dataclass
 from gptmini.config import register_configs
@@ -23,7 +24,7 @@ from gptmini.optim import lr_at, make_optimizer
 from gptmini.trainer import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINABLE = ["wrapper", "mha", "fused_qkv", "einsum", "sdpa", "torch_mha", "gqa", "swa"]
+TRAINABLE = [n for n, cls in ATTENTION_REGISTRY.items() if cls.trains_on_cpu]  # every variant with a CPU backward
 
 
 @pytest.fixture
@@ -289,15 +290,15 @@ def test_profile_writes_a_tensorboard_trace(tmp_path, corpus):
 
 def test_the_loop_waits_for_the_device_only_when_something_is_due(tmp_path, corpus, monkeypatch):
     """Reads (host syncs) happen at log, evaluation, attention-map and checkpoint steps, and nowhere else."""
-    from gptmini.trainer import Trainer
+    from gptmini.trainer import TrainStep
 
-    real_read, read_at = Trainer.read, []
+    real_read, read_at = TrainStep.read, []
 
     def recording_read(self):
         read_at.append(self.step)
         return real_read(self)
 
-    monkeypatch.setattr(Trainer, "read", recording_read)
+    monkeypatch.setattr(TrainStep, "read", recording_read)
     cfg = make_config(corpus, tmp_path / "data", "train.max_iters=24", "train.log_interval=5", "train.eval_interval=8",
                       "train.attn_interval=12", "train.ckpt_interval=20", "train.final_eval=false")
     result = train(cfg, tmp_path / "run")

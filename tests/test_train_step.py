@@ -18,12 +18,12 @@ from gptmini.distributed import DistEnv
 from gptmini.model import GPT
 from gptmini.optim import make_optimizer
 from gptmini.run_setup import Hardware
-from gptmini.trainer import Trainer, TrainingRun
+from gptmini.trainer import TrainingLoop, TrainStep
 
 CPU = torch.device("cpu")
 
 
-def make_trainer(grad_accum: int, batch_size: int, grad_clip: float = 1.0) -> Trainer:
+def make_trainer(grad_accum: int, batch_size: int, grad_clip: float = 1.0) -> TrainStep:
     """A trainer of a tiny model in float64: Adam's first steps are about sign(g) per element, so float32 rounding
     on elements whose gradient is near zero would flip a few of them between two equal computations."""
     cfg = RunConfig(model=tiny_config("sdpa"), optim=OptimConfig(name="adamw"),
@@ -32,7 +32,7 @@ def make_trainer(grad_accum: int, batch_size: int, grad_clip: float = 1.0) -> Tr
     torch.manual_seed(0)  # the same initial weights for every trainer
     model = GPT(cfg.model).double().train()
     hw = Hardware(env=DistEnv(), device=CPU, dtype=torch.float32, info=describe(CPU), strategy="none")
-    return Trainer(cfg, model, make_optimizer(model, cfg, CPU), hw)
+    return TrainStep(cfg, model, make_optimizer(model, cfg, CPU), hw)
 
 
 def rows(steps: int, n: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -115,7 +115,7 @@ def test_a_resumed_rank_gets_its_own_random_state():
         parts=SimpleNamespace(resume=resume), hw=SimpleNamespace(env=DistEnv(rank=1, world_size=2)),
         trainer=SimpleNamespace(scaler=torch.amp.GradScaler("cpu", enabled=False), step=0, skipped=0),
         sampler=SimpleNamespace(load_state_dict=lambda state: None), t=SimpleNamespace(seed=0))
-    TrainingRun.restore(run)
+    TrainingLoop.restore(run)
     drawn = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(drawn[0], expected[0]) and drawn[1:] == expected[1:]
     assert run.trainer.step == 9

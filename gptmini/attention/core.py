@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptmini.attention.cache import LayerKVCache
-from gptmini.config import AttentionConfig, ModelConfig
+from gptmini.config import VARIANT_DEFAULTS, AttentionConfig, ModelConfig
 
 Rope = tuple[Tensor, Tensor]  # (cos, sin), each (T, head_dim // 2), for the positions of the current input
 
@@ -92,8 +92,13 @@ def weight_compatible_variants() -> tuple[str, ...]:
 
 
 def register_attention(name: str) -> Callable[[type[Attention]], type[Attention]]:
+    """Class decorator: `@register_attention("mine")` makes `model/attention=mine` (with a configs/model/attention/
+    mine.yaml) and `AttentionConfig("mine")` build this class. What the rest of gptmini must know about the variant
+    it reads from the class's capability flags (see `Attention`), never from its name."""
+
     def add(cls: type[Attention]) -> type[Attention]:
         ATTENTION_REGISTRY[name] = cls
+        VARIANT_DEFAULTS[name] = cls.with_defaults  # ModelConfig fills the settings the variant leaves null
         cls.name = name
         return cls
 
@@ -145,14 +150,33 @@ class Attention(nn.Module):
     """Base class: configuration, output projection, dropout and the canonical state-dict layout."""
 
     name = "base"
+    # Capability flags. Every place that treats variants differently (config checks, checkpoint swaps, the kernel
+    # probe, the trainer, the tests) asks these, never a variant's name; a new variant sets the ones it changes.
+    #
     # True when this variant loads the canonical full-head state dict and computes what `mha` computes with it;
     # variants that change the function (fewer key/value heads, a window) set it to False.
     weight_compatible: ClassVar[bool] = True
-    # Which of OPTIONAL_KEYS this variant reads (a value set for any other key is refused), and which it needs.
+    # Which of OPTIONAL_KEYS (model.attention.*) this variant reads (a value set for any other key is refused),
+    # which it needs, and which the trained weights fix (a checkpoint runs only with its own value).
     reads: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[tuple[str, ...]] = ()
+    fixed_by_weights: ClassVar[tuple[str, ...]] = ()
+    # True when forward(return_weights=True) returns the (B, H, Tq, Tk) attention weights (the trainer draws them
+    # every train.attn_interval steps; a variant without them gets no maps, and the log says so once).
+    returns_weights: ClassVar[bool] = True
+    # What a KVCache holds per layer: "keys_values" (the projected keys and values appended at each step, n_kv_head
+    # heads of head_dim) or "inputs" (the layer inputs, one head of n_embd, re-projected each step: torch_mha).
+    cache_kind: ClassVar[str] = "keys_values"
     # True when forward understands a StaticKVCache (fixed-shape decoding that CUDA graphs can capture).
     static_cache: ClassVar[bool] = False
+    # What the variant can do: train on CPU (a backward there), attention dropout, RoPE and QK-norm on its heads.
+    trains_on_cpu: ClassVar[bool] = True
+    has_dropout: ClassVar[bool] = True
+    applies_rope: ClassVar[bool] = True
+    applies_qk_norm: ClassVar[bool] = True
+    # The backend the kernel probe reports when the profiler sees no known attention op (a compiled kernel hides
+    # it); None: the probe's own reading stands.
+    compiled_backend: ClassVar[str | None] = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -169,10 +193,20 @@ class Attention(nn.Module):
         self.qk_gain = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm_gain else None
         self.attn_dropout = nn.Dropout(config.dropout)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        # What one layer keeps per position in a KVCache: (heads, width). torch_mha caches its inputs instead.
-        self.cache_heads, self.cache_head_dim = self.n_kv_head, self.head_dim
+        # What one layer keeps per position in a KVCache: (heads, width), by `cache_kind`.
+        if self.cache_kind == "inputs":
+            self.cache_heads, self.cache_head_dim = 1, config.n_embd
+        else:
+            self.cache_heads, self.cache_head_dim = self.n_kv_head, self.head_dim
         self.register_state_dict_post_hook(_save_hook)
         self.register_load_state_dict_pre_hook(_load_hook)
+
+    @classmethod
+    def with_defaults(cls, attention: AttentionConfig, n_head: int) -> AttentionConfig:
+        """`attention` with the settings this variant needs but the config left null filled in (ModelConfig calls
+        it through gptmini.config.VARIANT_DEFAULTS); the YAML groups leave them null so that a checkpoint's own
+        values win when generate.py swaps variants."""
+        return attention
 
     def kv_heads(self, config: ModelConfig) -> int:
         """Key/value heads; only `gqa` uses fewer than the query heads."""

@@ -37,6 +37,9 @@ class FlexAttention(PackedQKVBase):
     (model.attention.window is refused; `swa` has one).
     """
 
+    trains_on_cpu = has_dropout = False  # torch 2.13: no CPU backward, no dropout inside the kernel
+    compiled_backend = "flex"  # compiled on GPUs: the profiler sees Inductor's kernels, not FlexAttention's op
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self._block_masks: dict[tuple[int, int, str], Any] = {}

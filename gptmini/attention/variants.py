@@ -3,6 +3,7 @@ default), gqa, swa and torch_mha. `flex` lives in gptmini.attention.flex."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -19,7 +20,7 @@ from gptmini.attention.core import (
     merge_heads,
     register_attention,
 )
-from gptmini.config import ModelConfig
+from gptmini.config import AttentionConfig, ModelConfig
 
 
 @register_attention("mha")
@@ -197,7 +198,15 @@ class GroupedQueryAttention(SDPAttention):
     (`n_kv_head=1` is multi-query attention). The KV cache shrinks by n_head / n_kv_head."""
 
     weight_compatible = False
-    reads = ("n_kv_head",)
+    reads = fixed_by_weights = ("n_kv_head",)
+
+    @classmethod
+    def with_defaults(cls, attention: AttentionConfig, n_head: int) -> AttentionConfig:
+        """n_kv_head defaults to the largest divisor of n_head up to half of it (fewer heads than mha)."""
+        if attention.n_kv_head is not None:
+            return attention
+        kv = max([d for d in range(1, n_head // 2 + 1) if n_head % d == 0], default=1)
+        return dataclasses.replace(attention, n_kv_head=kv)
 
     def kv_heads(self, config: ModelConfig) -> int:
         return config.n_kv_head
@@ -209,6 +218,13 @@ class SlidingWindowAttention(SDPAttention):
 
     weight_compatible = False
     reads = needs = ("window",)
+    DEFAULT_WINDOW = 64  # model.attention.window when the config leaves it null
+
+    @classmethod
+    def with_defaults(cls, attention: AttentionConfig, n_head: int) -> AttentionConfig:
+        if attention.window is not None:
+            return attention
+        return dataclasses.replace(attention, window=cls.DEFAULT_WINDOW)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -224,6 +240,9 @@ class TorchMultiheadAttention(Attention):
     inputs (as a single "head" of width C) and lets the module re-project them.
     """
 
+    cache_kind = "inputs"  # nn.MultiheadAttention projects keys and values itself: the cache keeps its inputs
+    applies_rope = applies_qk_norm = False  # ... and queries and keys, so nothing can touch them in between
+
     # canonical name -> nn.MultiheadAttention's name
     _NAMES = (
         ("qkv.weight", "mha.in_proj_weight"),
@@ -234,9 +253,11 @@ class TorchMultiheadAttention(Attention):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        for option, setting, off in (("RoPE", config.pos_encoding == "rope", "pos_encoding=learned"),
-                                     ("QK-norm", config.qk_norm, "model.qk_norm=false")):
-            if setting:
+        for option, setting, able, off in (
+            ("RoPE", config.pos_encoding == "rope", self.applies_rope, "pos_encoding=learned"),
+            ("QK-norm", config.qk_norm, self.applies_qk_norm, "model.qk_norm=false"),
+        ):
+            if setting and not able:
                 raise ValueError(
                     f"attention variant 'torch_mha' cannot apply {option} (nn.MultiheadAttention projects Q and K "
                     f"internally); use {off} or another variant"
@@ -245,7 +266,6 @@ class TorchMultiheadAttention(Attention):
         self.mha = nn.MultiheadAttention(
             config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias, batch_first=True
         )
-        self.cache_heads, self.cache_head_dim = 1, config.n_embd
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None):
         T = x.size(1)

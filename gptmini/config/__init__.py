@@ -10,11 +10,12 @@ commands that read runs without training them (export, compare).
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gptmini.config.data import DataConfig  # noqa: F401  (gptmini.config's names too)
+from gptmini.config.optim import OLD_MUON_KEYS, MuonConfig, OptimConfig  # noqa: F401  (public names of gptmini.config)
 from gptmini.config.tools import CompareConfig, ExportConfig, HeadsConfig, HeadsOptions  # noqa: F401
 from gptmini.config.values import (  # noqa: F401  (the lists and checks are gptmini.config's public names too)
     DEVICES,
@@ -22,12 +23,10 @@ from gptmini.config.values import (  # noqa: F401  (the lists and checks are gpt
     MAX_SEED,
     MLP_KINDS,
     NS_DTYPES,
-    OPTIMIZERS,
     POS_ENCODINGS,
     PRETRAINED_NAMES,
     SCHEDULES,
     STRATEGIES,
-    SWA_DEFAULT_WINDOW,
     check_choice,
     check_init_from,
     check_int,
@@ -55,19 +54,18 @@ class AttentionConfig:
             check_int("model.attention.window", self.window, 1)
 
 
-def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionConfig:
-    """Fill the settings a variant needs but the config left null: swa's window (64), gqa's key/value heads
-    (the largest divisor of n_head up to half of it).
+# Variant name -> its class's `with_defaults`, filled by gptmini.attention.register_attention: the class says its
+# defaults, this package (below the registry) only looks them up. An unknown name (refused later) keeps its settings.
+VARIANT_DEFAULTS: dict[str, Callable[[AttentionConfig, int], AttentionConfig]] = {}
 
-    The YAML groups leave them null rather than spelling the defaults out, so that `generate.py
-    model/attention=swa` runs a checkpoint with its own window unless the user types model.attention.window.
-    """
-    if attention.name == "swa" and attention.window is None:
-        return dataclasses.replace(attention, window=SWA_DEFAULT_WINDOW)
-    if attention.name == "gqa" and attention.n_kv_head is None and isinstance(n_head, int) and n_head > 0:
-        kv = max([d for d in range(1, n_head // 2 + 1) if n_head % d == 0], default=1)
-        return dataclasses.replace(attention, n_kv_head=kv)
-    return attention
+
+def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionConfig:
+    """Fill the settings a variant needs but the config left null (swa's window, gqa's key/value heads). The YAML
+    groups leave them null so that `generate.py model/attention=swa` runs a checkpoint with its own window."""
+    fill = VARIANT_DEFAULTS.get(attention.name)
+    if fill is None or not isinstance(n_head, int) or n_head <= 0:
+        return attention
+    return fill(attention, n_head)
 
 
 @dataclass
@@ -213,42 +211,6 @@ class TrainConfig:
             raise ValueError(f"train.resume={self.resume!r} must be auto, never, or the path of a checkpoint")
 
 
-@dataclass
-class OptimConfig:
-    """The optimizer: AdamW, or Muon with AdamW (optim.name). AdamW decays weight matrices only, never biases or norm
-    gains."""
-
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    # The token embedding is also the (tied) output head; GPT-2 and nanoGPT decay it like any matrix.
-    decay_embeddings: bool = True
-    # adamw: AdamW for everything. muon: Muon (momentum, then Newton-Schulz orthogonalisation) for the 2-D weight
-    # matrices inside the blocks; AdamW (at train.lr) for embeddings, head, biases and norm gains.
-    name: str = "adamw"
-    muon_lr: float = 0.02  # peak learning rate of the Muon matrices (follows the same schedule as train.lr)
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
-    muon_ns_steps: int = 5  # Newton-Schulz iterations per update
-    muon_weight_decay: float = 0.0  # decoupled, lr-scaled, like AdamW's
-    # auto: bfloat16 where the hardware computes it natively (bf16 GPUs; CPUs with AVX512-BF16, AMX-BF16 or Arm
-    # BF16), else float32 | float32 | bfloat16
-    muon_ns_dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise a one-line ValueError naming the first bad value and its valid range."""
-        check_choice("optim.name", self.name, OPTIMIZERS)
-        for name in ("beta1", "beta2", "muon_momentum"):
-            check_number(f"optim.{name}", getattr(self, name), 0, 1, high_open=True)
-        check_number("optim.eps", self.eps, 0, low_open=True)
-        for name in ("weight_decay", "muon_weight_decay", "muon_lr"):
-            check_number(f"optim.{name}", getattr(self, name), 0)
-        check_int("optim.muon_ns_steps", self.muon_ns_steps, 1)
-        check_choice("optim.muon_ns_dtype", self.muon_ns_dtype, NS_DTYPES)
 
 
 @dataclass
@@ -271,11 +233,6 @@ class RunConfig:
             raise ValueError(
                 f"train.eval_window={window} is larger than model.block_size={block}: the final evaluation's "
                 f"windows must fit the model's context; use at most {block}, or null for block_size"
-            )
-        if self.optim.name == "muon" and self.train.strategy == "fsdp":
-            raise ValueError(
-                "optim.name=muon cannot be combined with train.strategy=fsdp: Muon orthogonalises whole matrices "
-                "and FSDP shards them; use train.strategy=ddp or optim.name=adamw"
             )
 
 

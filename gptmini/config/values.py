@@ -13,12 +13,10 @@ MLP_KINDS = ("gelu", "gelu_tanh", "relu2")
 # `model.init_from` names: the four OpenAI GPT-2 sizes on the Hugging Face hub (gptmini.pretrained loads them).
 PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 NS_DTYPES = ("auto", "float32", "bfloat16")
-OPTIMIZERS = ("adamw", "muon")  # gptmini.optim builds them
 SCHEDULES = ("cosine", "wsd")  # gptmini.optim computes them
 DEVICES = ("auto", "cpu", "cuda", "mps")  # ROCm builds use cuda; gptmini.device resolves auto
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # gptmini.device maps them to torch dtypes
 STRATEGIES = ("auto", "ddp", "fsdp")  # gptmini.distributed resolves auto
-SWA_DEFAULT_WINDOW = 64
 MAX_SEED = 2**31 - 1  # numpy seeds must stay below 2**32, and the trainer adds the rank
 
 

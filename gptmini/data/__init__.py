@@ -12,17 +12,26 @@ new files are never mixed. Run it on its own with `python -m gptmini.data data=<
 """
 
 from gptmini.data.batches import BatchSampler, PreparedData, iter_windows, load_prepared
-from gptmini.data.format import FORMAT, VERSION, DataError, check_prepared, read_meta
-from gptmini.data.preparation import SPLITS, iter_token_documents, prepare, tokenize_documents
-from gptmini.data.sources import FILE_TYPES, SOURCES, load_documents, resolve_files, stdlib_files
+from gptmini.data.format import DATA_FORMAT, DATA_VERSION, DataError, check_prepared, read_meta
+from gptmini.data.preparation import SPLIT_MODES, iter_token_documents, prepare, tokenize_documents
+from gptmini.data.sources import (
+    FILE_TYPES,
+    SOURCE_REGISTRY,
+    Source,
+    load_documents,
+    register_source,
+    resolve_files,
+    stdlib_files,
+)
 from gptmini.data.staging import DataDirError
 
 __all__ = [
     "FILE_TYPES",
-    "FORMAT",
-    "SOURCES",
-    "SPLITS",
-    "VERSION",
+    "DATA_FORMAT",
+    "SOURCE_REGISTRY",
+    "Source",
+    "SPLIT_MODES",
+    "DATA_VERSION",
     "BatchSampler",
     "DataDirError",
     "DataError",
@@ -34,6 +43,7 @@ __all__ = [
     "load_prepared",
     "prepare",
     "read_meta",
+    "register_source",
     "resolve_files",
     "stdlib_files",
     "tokenize_documents",

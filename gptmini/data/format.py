@@ -21,8 +21,8 @@ import numpy as np
 from gptmini.config import DataConfig
 from gptmini.tokenizer import Tokenizer, tokenizer_from_spec
 
-FORMAT = "gptmini-data"
-VERSION = 1
+DATA_FORMAT = "gptmini-data"
+DATA_VERSION = 1
 DTYPES = ("uint16", "uint32")
 SPLIT_NAMES = ("train", "val")
 META = "meta.json"
@@ -63,8 +63,10 @@ def read_meta(folder: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{str(meta_path)!r} is not valid JSON ({err}); delete {str(folder)!r} to prepare again") \
             from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise DataError(f"{str(meta_path)!r} is not a gptmini {FORMAT} v{VERSION} file; delete {str(folder)!r}")
+    if not isinstance(meta, dict) or meta.get("format") != DATA_FORMAT or meta.get("version") != DATA_VERSION:
+        raise DataError(
+            f"{str(meta_path)!r} is not a gptmini {DATA_FORMAT} v{DATA_VERSION} file; delete {str(folder)!r}"
+        )
     return meta
 
 
@@ -78,7 +80,7 @@ def foreign_entries(folder: Path) -> list[str]:
         return [folder.name] if folder.exists() or folder.is_symlink() else []
     names = sorted(p.name for p in folder.iterdir())
     ours = {bin_path(folder, s).name for s in SPLIT_NAMES} | {META, CACHE}
-    if not names or (meta_value(folder, "format") == FORMAT and set(names) <= ours):
+    if not names or (meta_value(folder, "format") == DATA_FORMAT and set(names) <= ours):
         return []
     return names
 

@@ -19,15 +19,15 @@ import numpy as np
 
 from gptmini.config import DataConfig
 from gptmini.data.batches import PreparedData, load_prepared
-from gptmini.data.format import FORMAT, VERSION, DataError, meta_value, tokenizer_request, write_meta
+from gptmini.data.format import DATA_FORMAT, DATA_VERSION, DataError, meta_value, tokenizer_request, write_meta
+from gptmini.data.records import describe_value
 from gptmini.data.sources import (
-    SOURCES,
     Log,
     SourceMissing,
     describe_request,
     describe_source,
-    describe_value,
     load_documents,
+    source_class,
     source_label,
     stderr_log,
 )
@@ -43,7 +43,7 @@ from gptmini.data.staging import (
 )
 from gptmini.tokenizer import Tokenizer, build_tokenizer
 
-SPLITS = ("auto", "document", "position")
+SPLIT_MODES = ("auto", "document", "position")  # data.split: how the corpus is cut into train and val
 Counts = dict[str, int]
 Accept = Callable[[PreparedData], None]
 
@@ -136,10 +136,9 @@ def _without_source(cfg: DataConfig, out: Path, missing: SourceMissing, log: Log
 
 
 def _validate(cfg: DataConfig) -> None:
-    if cfg.source not in SOURCES:
-        raise DataError(f"data.source={cfg.source!r} is unknown; valid: {', '.join(SOURCES)}")
-    if cfg.split not in SPLITS:
-        raise DataError(f"data.split={cfg.split!r} is unknown; valid: {', '.join(SPLITS)}")
+    source = source_class(cfg.source)(cfg)  # an unknown data.source is refused first
+    if cfg.split not in SPLIT_MODES:
+        raise DataError(f"data.split={cfg.split!r} is unknown; valid: {', '.join(SPLIT_MODES)}")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise DataError(f"data.val_fraction={cfg.val_fraction} must be in (0, 1)")
     if cfg.dtype not in ("auto", "uint16", "uint32"):
@@ -150,19 +149,14 @@ def _validate(cfg: DataConfig) -> None:
         raise DataError(f"data.num_proc={cfg.num_proc} must be >= 1")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         raise DataError(f"data.name={cfg.name!r} must be a plain folder name")
-    if cfg.source == "files" and not cfg.path:
-        raise DataError("data.path is required for local files: a file, a folder or a glob (data.path=notes.txt)")
-    if cfg.source == "url" and not (cfg.url or cfg.path):
-        raise DataError("data.url (or a local copy in data.path) is required for data.source=url")
-    if cfg.source == "hub" and not cfg.hub_name and not cfg.path:
-        raise DataError("data.hub_name is required for data.source=hub (e.g. roneneldan/TinyStories)")
+    source.check()  # what this source needs (data.path, data.url, data.hub_name)
     if cfg.streaming and cfg.tokenizer == "char":
         raise DataError("data.streaming=true cannot build a char vocabulary; use data.tokenizer=tiktoken or bytes")
 
 
 def _settings(cfg: DataConfig) -> dict[str, Any]:
     """Every setting that changes the prepared files (num_proc does not)."""
-    return {"version": VERSION, "ids": "relative", "tokenizer": tokenizer_request(cfg),
+    return {"version": DATA_VERSION, "ids": "relative", "tokenizer": tokenizer_request(cfg),
             "text_field": cfg.text_field, "val_fraction": cfg.val_fraction, "split": cfg.split,
             "max_tokens": cfg.max_tokens, "dtype": cfg.dtype, "on_bad_utf8": cfg.on_bad_utf8}
 
@@ -213,7 +207,7 @@ def tokenize_documents(ds, tokenizer: Tokenizer, dtype: str, num_proc: int = 1, 
     kwargs: dict[str, Any] = {"batched": True, "remove_columns": ["text"]}
     if hasattr(ds, "__len__"):
         # Naming the result ourselves spares `datasets` hashing the tokenizer (seconds for a BPE vocabulary).
-        key = json.dumps([VERSION, tokenizer.spec(), dtype, ds._fingerprint], sort_keys=True)
+        key = json.dumps([DATA_VERSION, tokenizer.spec(), dtype, ds._fingerprint], sort_keys=True)
         kwargs.update(num_proc=num_proc if num_proc > 1 else None, desc="tokenizing",
                       new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
     return ds.map(tokenize, **kwargs)
@@ -337,7 +331,7 @@ def _meta(cfg: DataConfig, source: dict[str, Any], tokenizer: Tokenizer, dtype: 
     if "files" in source:
         public_source["n_files"] = len(source["files"])
     return {
-        "format": FORMAT, "version": VERSION, "name": cfg.name, "tokenizer": tokenizer.spec(),
+        "format": DATA_FORMAT, "version": DATA_VERSION, "name": cfg.name, "tokenizer": tokenizer.spec(),
         "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": dtype,
         "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": docs, "split": mode,
         "val_fraction": cfg.val_fraction, "source": public_source, "python": platform.python_version(),

@@ -102,8 +102,9 @@ def probe_attention_kernel(
     finally:
         attention.train(was_training)
     backend, op = backend_from_ops(names)
-    if op is None and getattr(attention, "name", None) == "flex":
-        backend = "flex"  # compiled (GPUs): the profiler sees Inductor's generated kernels, not FlexAttention's op
+    compiled = getattr(attention, "compiled_backend", None)  # a variant's flag (gptmini.attention.Attention)
+    if op is None and compiled is not None:
+        backend = compiled  # compiled (GPUs): the profiler sees Inductor's generated kernels, not the variant's op
     return KernelReport(backend, op, detail)
 
 
