@@ -42,7 +42,6 @@ def run_reporting_errors(fn: Callable[[], T]) -> T:
     """
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        resume_interrupts()
         return fn()
     except USER_ERRORS as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -79,7 +78,7 @@ def run_command(config_name: str, fn: Callable[..., Any], with_run_dir: bool = F
     `configs/<config_name>.yaml`; `with_run_dir` also passes Hydra's run directory (`fn(config, run_dir)`).
 
     A bad override ends in one `error:` line before Hydra starts (`check_overrides`); errors raised by `fn`
-    end the same way (`run_reporting_errors`), and so does Ctrl-C while Hydra starts.
+    end the same way (`run_reporting_errors`), and so does a Ctrl-C while the command starts (`started`).
     """
     run_reporting_errors(lambda: _run_command(config_name, fn, with_run_dir))
 
@@ -97,12 +96,12 @@ def _run_command(config_name: str, fn: Callable[..., Any], with_run_dir: bool) -
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base=None)
     def main(cfg: DictConfig) -> None:
         if not with_run_dir:
-            run_reporting_errors(lambda: fn(to_dataclass(cfg)))
+            run_reporting_errors(lambda: started(fn)(to_dataclass(cfg)))
             return
         hydra_cfg = HydraConfig.get()
 
         def job() -> None:
-            fn(to_dataclass(cfg), hydra_cfg.runtime.output_dir)
+            started(fn)(to_dataclass(cfg), hydra_cfg.runtime.output_dir)
 
         if hydra_cfg.mode.name == "MULTIRUN":
             run_reporting_errors(lambda: sweep.run(job, hydra_cfg))
@@ -149,6 +148,17 @@ class Sweep:
         report(f"error: {len(self.refused)} of {self.jobs} sweep jobs refused, the others ran; "
                + "; ".join(self.refused))
         sys.exit(2)
+
+
+def started(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` once the command is ready to run it: a Ctrl-C deferred while torch, Hydra and the config loaded
+    (gptmini.startup; interrupted inside those libraries, they fail with unrelated errors) is raised here."""
+
+    def run(*args: Any) -> T:
+        resume_interrupts()
+        return fn(*args)
+
+    return run
 
 
 def remove_if_empty(folders: list[Path]) -> None:

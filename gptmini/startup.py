@@ -2,10 +2,12 @@
 
 Loading torch takes a second or two, and a KeyboardInterrupt raised inside its C++ initialisation aborts the
 process (`terminate called after throwing an instance of 'pybind11::error_already_set'`) instead of raising in
-Python. So while one of gptmini's commands (train.py, generate.py, `python -m gptmini.<command>`) is loading,
-SIGINT only sets a flag; `gptmini.cli` restores Python's handler and, if the flag is set, stops with the same
-`error: interrupted (Ctrl-C)` line as at any later moment. Imported by the package before anything else, and
-imports nothing of ours; a program that merely imports gptmini keeps its own handler.
+Python; inside Hydra's or OmegaConf's start-up it leaves objects half-made that then fail with unrelated errors.
+So while one of gptmini's commands (train.py, generate.py, `python -m gptmini.<command>`) is starting, SIGINT only
+sets a flag; when the command itself begins (`gptmini.cli.started`), Python's handler is restored and, if the flag
+is set, the command stops with the same `error: interrupted (Ctrl-C)` line as at any later moment. Imported by
+the package before anything else, and imports nothing of ours; a program that merely imports gptmini keeps its
+own handler.
 """
 
 from __future__ import annotations
