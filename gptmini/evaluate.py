@@ -93,15 +93,7 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
     if not 1 <= window <= block_size:
         raise ValueError(f"eval.window={window} must be between 1 and the model's block_size={block_size}")
 
-    if data_dir is None:
-        data_dir = saved.get("data_dir", "data")
-    if data_cfg is None:  # fall back on what the checkpoint was trained with
-        known = {f.name for f in dataclasses.fields(DataConfig)}
-        data_cfg = DataConfig(**{k: v for k, v in saved.get("data", {}).items() if k in known})
-    else:
-        data_cfg = other_text(data_cfg, data_dir, tokenizer, saved)
-    prepared = data_lib.prepare(data_cfg, data_dir, accept=lambda p: check_eval_data(p, tokenizer, data_cfg,
-                                                                                    data_dir, opts.split))
+    prepared = checkpoint_data(data_cfg, data_dir, tokenizer, saved, opts.split)
     tokens = prepared.val_tokens() if opts.split == "val" else prepared.train_tokens()
     loss = evaluate_split(model, tokens, window, device, autocast(device, dtype), opts.batch_size,
                           progress=stream is not None)
@@ -112,6 +104,21 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
             f"{result.positions:,} positions; {path})\n"
         )
     return result
+
+
+def checkpoint_data(data_cfg: DataConfig | None, data_dir: str | None, tokenizer: Tokenizer, saved: dict,
+                    split: str) -> data_lib.PreparedData:
+    """The data a command measures a checkpoint on (evaluate, heads): the data named, read with the checkpoint's
+    own tokenizer, or by default the data it was trained with; prepared (or reused) only once it passes."""
+    if data_dir is None:
+        data_dir = saved.get("data_dir", "data")
+    if data_cfg is None:  # fall back on what the checkpoint was trained with
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        data_cfg = DataConfig(**{k: v for k, v in saved.get("data", {}).items() if k in known})
+    else:
+        data_cfg = other_text(data_cfg, data_dir, tokenizer, saved)
+    return data_lib.prepare(data_cfg, data_dir, accept=lambda p: check_eval_data(p, tokenizer, data_cfg, data_dir,
+                                                                                 split))
 
 
 def other_text(data_cfg: DataConfig, data_dir: str, tokenizer: Tokenizer, saved: dict) -> DataConfig:

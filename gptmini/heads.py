@@ -11,7 +11,6 @@ repeated twice, drawn from `heads.seed`. The metrics are defined in `gptmini.hea
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import sys
 from typing import TextIO
@@ -19,10 +18,10 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from gptmini import data as data_lib
 from gptmini.checkpoint import load_for_inference
-from gptmini.config import DataConfig, HeadsConfig
+from gptmini.config import HeadsConfig
 from gptmini.device import resolve_device
+from gptmini.evaluate import checkpoint_data
 from gptmini.head_metrics import HeadReport, format_table, measure_heads, report_image
 from gptmini.model import GPT
 from gptmini.paths import check_output_file, write_atomic
@@ -81,19 +80,7 @@ def probe_ids(cfg: HeadsConfig, model: GPT, tokenizer: Tokenizer, saved: dict) -
 
 def validation_tokens(cfg: HeadsConfig, tokenizer: Tokenizer, saved: dict) -> np.ndarray:
     """The val split of `data=...`, else of the data the checkpoint was trained with (prepared or reused)."""
-    data_cfg, data_dir = cfg.data, cfg.data_dir
-    if data_cfg is None:
-        known = {f.name for f in dataclasses.fields(DataConfig)}
-        data_cfg = DataConfig(**{k: v for k, v in saved.get("data", {}).items() if k in known})
-    if data_dir is None:
-        data_dir = saved.get("data_dir", "data")
-
-    def accept(prepared: data_lib.PreparedData) -> None:
-        if prepared.tokenizer.spec() != tokenizer.spec():
-            raise ValueError(f"data {data_cfg.name!r} in {data_dir!r} is tokenized differently from the checkpoint's "
-                             f"tokenizer ({tokenizer!r}); probe with the data the model was trained with, or prompt=")
-
-    return data_lib.prepare(data_cfg, data_dir, accept=accept).val_tokens()
+    return checkpoint_data(cfg.data, cfg.data_dir, tokenizer, saved, "val").val_tokens()
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def test_heads_refused_for_another_vocabulary_keeps_the_dataset(trained):
     root, before = trained["root"], checksums(trained["dataset"])
     refused([sys.executable, "-m", "gptmini.heads", f"ckpt={trained['run']}", "data=text",
              f"data.path={root / 'other.txt'}", "data.name=text", f"data_dir={root / 'data'}", "out=null"],
-            root, "tokenized differently")
+            root, "holds the data this checkpoint was trained on")
     assert checksums(trained["dataset"]) == before
 
 
