@@ -142,11 +142,13 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
 
 
 def sample_bytes(model: GPT, prompt_tokens: int, new_tokens: int, elem: int = 4) -> int:
-    """A lower bound on the memory one more row of a batch costs: its token ids, its KV cache (keys and values of
-    every layer over the window) and its logits and probabilities over the vocabulary at one position."""
+    """A lower bound on the memory one more row of a batch costs: its token ids, its KV cache (every layer's cache
+    over the window, as each variant lays it out: measured on the meta device, which allocates nothing) and its
+    logits and probabilities over the vocabulary at one position."""
     c = model.config
     window = min(prompt_tokens + new_tokens, c.block_size)
-    return 8 * (prompt_tokens + new_tokens) + 2 * c.n_layer * window * c.n_embd * elem + 2 * c.vocab_size * elem
+    cache = model.make_kv_cache(1, window, device="meta", dtype=torch.float32).nbytes() * elem // 4
+    return 8 * (prompt_tokens + new_tokens) + cache + 2 * c.vocab_size * elem
 
 
 def check_sample_memory(cfg: GenerateConfig, model: GPT, prompt_tokens: int, device: torch.device) -> None:
@@ -180,7 +182,7 @@ def sample_rows(cfg: GenerateConfig, model: GPT, tokenizer: Tokenizer, idx: Tens
     """Decode idx (N, T) as one batch until every row is done; the first row's text goes to `write` as it comes."""
     # compile=true: a compiled decode step over a static KV cache where the variant has one (the sdpa family),
     # else the whole model compiled for any shape.
-    compiled_decode = cfg.compile and cfg.kv_cache and model.blocks[0].attn.static_cache
+    compiled_decode = cfg.compile and cfg.kv_cache and all(block.attn.static_cache for block in model.blocks)
     if cfg.compile and not compiled_decode:
         model = torch.compile(model, dynamic=True)
     gen = torch.Generator(device=idx.device).manual_seed(cfg.seed)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptmini.attention import KVCache, LayerKVCache, Rope, StaticKVCache, build_attention
+from gptmini.attention import KVCache, LayerCache, Rope, StaticKVCache, build_attention
 from gptmini.config import ModelConfig
 from gptmini.loss import IGNORE, chunked_lm_loss
 
@@ -51,10 +51,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, config.bias)
-        self.attn = build_attention(config)
+        self.attn = build_attention(config, layer_index)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
@@ -62,7 +62,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: Tensor,
-        kv_cache: LayerKVCache | None = None,
+        kv_cache: LayerCache | None = None,
         return_weights: bool = False,
         rope: Rope | None = None,
     ) -> tuple[Tensor, Tensor | None]:
@@ -88,7 +88,7 @@ class GPT(nn.Module):
             nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
         )
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = LayerNorm(config.n_embd, config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (GPT-2)
@@ -137,19 +137,16 @@ class GPT(nn.Module):
     ) -> KVCache:
         """A preallocated cache for generating up to `max_len` (default block_size) positions; `static`: the
         fixed-shape StaticKVCache the compiled decode path uses (variants with `static_cache` only)."""
-        attn = self.blocks[0].attn
-        if static and not attn.static_cache:
-            raise ValueError(f"attention variant {attn.name!r} has no static KV cache; use the sdpa family")
+        for block in self.blocks:
+            if static and not block.attn.static_cache:
+                raise ValueError(f"attention variant {block.attn.name!r} has no static KV cache; use the sdpa family")
         ref = self.wte.weight
-        return (StaticKVCache if static else KVCache)(
-            self.config.n_layer,
-            batch_size,
-            attn.cache_heads,
-            max_len or self.config.block_size,
-            attn.cache_head_dim,
-            device=device or ref.device,
-            dtype=dtype or ref.dtype,
-        )
+        max_len = max_len or self.config.block_size
+        layers = [
+            block.attn.new_cache(batch_size, max_len, device or ref.device, dtype or ref.dtype, static=static)
+            for block in self.blocks
+        ]
+        return StaticKVCache(layers) if static else KVCache(layers)
 
     def forward(
         self,

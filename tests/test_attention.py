@@ -17,6 +17,7 @@ from gptmini.attention import (
     ATTENTION_REGISTRY,
     FusedQKV,
     KVCache,
+    LayerKVCache,
     PackedQKVBase,
     SeparateQKVBase,
     WrapperAttention,
@@ -333,7 +334,7 @@ def test_kv_cache_decoding_matches_full_forward(name):
     module = make(name)
     x = torch.randn(2, 10, 32)
     cfg = config(name)
-    cache = KVCache(1, 2, module.cache_heads, cfg.block_size, module.cache_head_dim)
+    cache = KVCache([module.new_cache(2, cfg.block_size, torch.device("cpu"), torch.float32)])
     layer = cache.layer(0)
     with torch.no_grad():
         full, _ = module(x)
@@ -347,7 +348,7 @@ def test_kv_cache_decoding_matches_full_forward(name):
 
 
 def test_kv_cache_overflow_is_an_error():
-    cache = KVCache(1, 1, 4, 5, 8)
+    cache = KVCache([LayerKVCache(1, 4, 5, 8)])
     layer = cache.layer(0)
     layer.update(torch.zeros(1, 4, 5, 8), torch.zeros(1, 4, 5, 8))
     cache.pos = 5

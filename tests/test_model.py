@@ -121,7 +121,9 @@ def test_model_causality(name):
 def test_gqa_cache_is_smaller():
     model = build(tiny("gqa"))
     cache = model.make_kv_cache(batch_size=1)
-    assert cache.k.shape == (2, 1, 2, 24, 8)  # 2 key/value heads instead of 4
+    assert len(cache.layers) == 2
+    assert cache.layer(0).k.shape == (1, 2, 24, 8)  # 2 key/value heads instead of 4
+    assert cache.nbytes() == build(tiny("sdpa")).make_kv_cache(batch_size=1).nbytes() // 2
 
 
 def test_input_longer_than_block_size():

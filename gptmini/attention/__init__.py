@@ -3,7 +3,7 @@
 Every variant computes the same thing: causal self-attention over `n_head` heads, dropout on the attention
 weights (after the softmax), and an output projection. They differ only in how. All share
 
-    Variant(config: ModelConfig)
+    Variant(config: ModelConfig, layer_index: int = 0)
     forward(x, kv_cache=None, return_weights=False, rope=None) -> (y, weights | None)
 
 and are found by name in `ATTENTION_REGISTRY` (see `build_attention`).
@@ -17,11 +17,11 @@ State dicts are portable. Every variant saves its parameters in one canonical la
 (the same layout as `nn.MultiheadAttention.in_proj_weight`), and converts to and from its own internal layout in
 state-dict hooks. So a model trained with `sdpa` loads into `mha` to look at its attention weights.
 
-Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (the KV cache), `variants`
+Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (the per-layer KV caches), `variants`
 (every variant but flex) and `flex`.
 """
 
-from gptmini.attention.cache import KVCache, LayerKVCache, StaticKVCache
+from gptmini.attention.cache import KVCache, LayerCache, LayerKVCache, StaticKVCache, StaticLayerKVCache
 from gptmini.attention.core import (
     ATTENTION_REGISTRY,
     Attention,
@@ -64,8 +64,10 @@ __all__ = [
     "FusedQKV",
     "GroupedQueryAttention",
     "KVCache",
+    "LayerCache",
     "LayerKVCache",
     "StaticKVCache",
+    "StaticLayerKVCache",
     "MultiHeadAttention",
     "PackedQKVBase",
     "Rope",

@@ -1,59 +1,87 @@
-"""The KV cache: keys and values of the positions already generated, so each new token costs one position."""
+"""The KV cache: what each layer keeps of the positions already generated, so each new token costs one position.
+
+A `KVCache` holds one cache per layer and the count of positions filled (`pos`, shared by every layer). Each
+attention variant makes its own layer cache (`Attention.new_cache`): most keep keys and values (`LayerKVCache`);
+others keep what their decoding needs instead (a latent, a running state), so layers of different kinds can sit
+in one model.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 
-class KVCache:
-    """Preallocated keys and values for every layer, filled left to right during generation.
+class LayerCache:
+    """Base of one layer's cache. The owning `KVCache` says how many positions are filled (`pos`)."""
 
-    `pos` counts the positions already filled. The model reads it to place new tokens, each layer writes its
-    keys and values at [pos, pos + T), and the model advances `pos` once the whole stack has run.
-    """
+    owner: KVCache | None = None
+
+    @property
+    def pos(self) -> int:
+        assert self.owner is not None, "a layer cache is used through the KVCache that holds it"
+        return self.owner.pos
+
+    def tensors(self) -> list[Tensor]:
+        """The buffers this cache holds (their bytes are the cache's size)."""
+        return []
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class LayerKVCache(LayerCache):
+    """Preallocated keys and values of one layer, (B, heads, max_len, width) each, filled left to right."""
 
     def __init__(
         self,
-        n_layer: int,
         batch_size: int,
-        n_kv_head: int,
+        heads: int,
         max_len: int,
-        head_dim: int,
+        width: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, H_kv, max_len, hd)
+        shape = (batch_size, heads, max_len, width)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, H_kv, max_len, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+
+    def tensors(self) -> list[Tensor]:
+        return [self.k, self.v]
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H_kv, T, hd) at the current position; return all keys and values so far."""
+        start, end = self.pos, self.pos + k.size(-2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """The caches of every layer of a model, filled together: `pos` counts the positions already filled. The model
+    reads it to place new tokens, each layer writes at [pos, pos + T), and the model advances `pos` once the whole
+    stack has run."""
+
+    def __init__(self, layers: Sequence[LayerCache]) -> None:
+        self.layers = list(layers)
+        for layer in self.layers:
+            layer.owner = self
         self.pos = 0
 
-    def layer(self, index: int) -> LayerKVCache:
-        return LayerKVCache(self, index)
+    def layer(self, index: int) -> LayerCache:
+        return self.layers[index]
 
     def reset(self) -> None:
         self.pos = 0
 
-
-class LayerKVCache:
-    """One layer's view of a `KVCache`."""
-
-    def __init__(self, cache: KVCache, index: int) -> None:
-        self.cache, self.index = cache, index
-
-    @property
-    def pos(self) -> int:
-        return self.cache.pos
-
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, H_kv, T, hd) at the current position; return all keys and values so far."""
-        start, end = self.cache.pos, self.cache.pos + k.size(-2)
-        if end > self.cache.max_len:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.cache.max_len} allocated")
-        self.cache.k[self.index, :, :, start:end] = k
-        self.cache.v[self.index, :, :, start:end] = v
-        return self.cache.k[self.index, :, :, :end], self.cache.v[self.index, :, :, :end]
+    def nbytes(self) -> int:
+        """Bytes held by every layer's buffers."""
+        return sum(layer.nbytes() for layer in self.layers)
 
 
 class StaticKVCache(KVCache):
@@ -64,34 +92,37 @@ class StaticKVCache(KVCache):
 
     `pos` (how many positions are filled) is kept by the caller, outside the captured step (`advance`)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.input_pos = torch.zeros(1, dtype=torch.long, device=self.k.device)  # (T,) the positions being written
-        self.k_pos = torch.arange(self.max_len, device=self.k.device)  # (max_len,)
+    def __init__(self, layers: Sequence[StaticLayerKVCache]) -> None:
+        super().__init__(layers)
+        first = layers[0]
+        self.max_len = first.max_len
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=first.k.device)  # (T,) the positions being written
+        self.k_pos = torch.arange(self.max_len, device=first.k.device)  # (max_len,)
         # Buffers the compiled step writes in place: marked static, CUDA graphs keep them (as they keep a module's
         # buffers) instead of skipping the graph for "mutated inputs".
-        for buffer in (self.k, self.v):
-            torch._dynamo.mark_static_address(buffer)
-
-    def layer(self, index: int) -> StaticLayerKVCache:
-        return StaticLayerKVCache(self, index)
+        for layer in layers:
+            for buffer in layer.tensors():
+                torch._dynamo.mark_static_address(buffer)
 
     def advance(self, n: int) -> None:
         self.pos += n
 
 
 class StaticLayerKVCache(LayerKVCache):
+    owner: StaticKVCache | None = None
+
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H_kv, T, hd) at `input_pos`; return the whole buffers (B, H_kv, max_len, hd)."""
-        cache = self.cache
-        cache.k[self.index].index_copy_(2, cache.input_pos, k.to(cache.k.dtype))
-        cache.v[self.index].index_copy_(2, cache.input_pos, v.to(cache.v.dtype))
-        return cache.k[self.index], cache.v[self.index]
+        assert self.owner is not None
+        self.k.index_copy_(2, self.owner.input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, self.owner.input_pos, v.to(self.v.dtype))
+        return self.k, self.v
 
     def keep_mask(self, window: int | None) -> Tensor:
         """Bool (T, max_len): query at input_pos[i] sees the filled keys j <= input_pos[i] (within `window`)."""
-        q_pos = self.cache.input_pos[:, None]  # (T, 1)
-        k_pos = self.cache.k_pos[None, :]  # (1, max_len)
+        assert self.owner is not None
+        q_pos = self.owner.input_pos[:, None]  # (T, 1)
+        k_pos = self.owner.k_pos[None, :]  # (1, max_len)
         keep = k_pos <= q_pos
         if window is not None:
             keep &= q_pos - k_pos < window

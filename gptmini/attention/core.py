@@ -12,13 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptmini.attention.cache import LayerKVCache
+from gptmini.attention.cache import LayerCache, LayerKVCache, StaticLayerKVCache
 from gptmini.config import VARIANT_DEFAULTS, AttentionConfig, ModelConfig
 
 Rope = tuple[Tensor, Tensor]  # (cos, sin), each (T, head_dim // 2), for the positions of the current input
 
-# The AttentionConfig fields only some variants read; a variant lists the ones it reads in `Attention.reads`.
-OPTIONAL_KEYS = ("n_kv_head", "window")
+# The AttentionConfig fields only some variants read; a variant lists the ones it reads in `Attention.reads`. A key
+# counts as set when it is neither null nor false.
+OPTIONAL_KEYS = ("n_kv_head", "window", "kv_rank", "q_rank", "rope_dim", "gate", "sinks")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,12 +122,13 @@ def check_attention_config(attention: AttentionConfig, complete: bool = True) ->
     cls = attention_class(attention.name)
     for key in OPTIONAL_KEYS:
         value = getattr(attention, key)
-        if value is not None and key not in cls.reads:
+        if value is not None and value is not False and key not in cls.reads:
             readers = sorted(name for name, other in ATTENTION_REGISTRY.items() if key in other.reads)
             users = f"; only {', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it" if readers else ""
             choose = f" or choose model/attention={readers[0]}" if readers else ""
+            shown = str(value).lower() if isinstance(value, bool) else value
             raise ValueError(
-                f"model.attention.{key}={value} is ignored by attention variant {attention.name!r}{users}: "
+                f"model.attention.{key}={shown} is ignored by attention variant {attention.name!r}{users}: "
                 f"remove the setting{choose}"
             )
         if value is None and key in cls.needs and complete:
@@ -135,11 +137,12 @@ def check_attention_config(attention: AttentionConfig, complete: bool = True) ->
             )
 
 
-def build_attention(config: ModelConfig) -> Attention:
-    """The attention module named by `config.attention.name`, refusing (the same one line as where a config enters)
-    settings the variant would ignore or lacks: a model built in Python is checked like one built by a command."""
+def build_attention(config: ModelConfig, layer_index: int = 0) -> Attention:
+    """The attention module named by `config.attention.name` for layer `layer_index` (0-based), refusing (the same
+    one line as where a config enters) settings the variant would ignore or lacks: a model built in Python is
+    checked like one built by a command."""
     check_attention_config(config.attention, complete=True)
-    return attention_class(config.attention.name)(config)
+    return attention_class(config.attention.name)(config, layer_index)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,9 +167,6 @@ class Attention(nn.Module):
     # True when forward(return_weights=True) returns the (B, H, Tq, Tk) attention weights (the trainer draws them
     # every train.attn_interval steps; a variant without them gets no maps, and the log says so once).
     returns_weights: ClassVar[bool] = True
-    # What a KVCache holds per layer: "keys_values" (the projected keys and values appended at each step, n_kv_head
-    # heads of head_dim) or "inputs" (the layer inputs, one head of n_embd, re-projected each step: torch_mha).
-    cache_kind: ClassVar[str] = "keys_values"
     # True when forward understands a StaticKVCache (fixed-shape decoding that CUDA graphs can capture).
     static_cache: ClassVar[bool] = False
     # What the variant can do: train on CPU (a backward there), attention dropout, RoPE and QK-norm on its heads.
@@ -178,9 +178,10 @@ class Attention(nn.Module):
     # it); None: the probe's own reading stands.
     compiled_backend: ClassVar[str | None] = None
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
         super().__init__()
         self.config = config
+        self.layer_index = layer_index  # 0-based place in the stack (differential attention's lambda depends on it)
         self.n_head = config.n_head
         self.n_kv_head = self.kv_heads(config)
         self.n_embd = config.n_embd
@@ -193,11 +194,6 @@ class Attention(nn.Module):
         self.qk_gain = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm_gain else None
         self.attn_dropout = nn.Dropout(config.dropout)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        # What one layer keeps per position in a KVCache: (heads, width), by `cache_kind`.
-        if self.cache_kind == "inputs":
-            self.cache_heads, self.cache_head_dim = 1, config.n_embd
-        else:
-            self.cache_heads, self.cache_head_dim = self.n_kv_head, self.head_dim
         self.register_state_dict_post_hook(_save_hook)
         self.register_load_state_dict_pre_hook(_load_hook)
 
@@ -207,6 +203,15 @@ class Attention(nn.Module):
         it through gptmini.config.VARIANT_DEFAULTS); the YAML groups leave them null so that a checkpoint's own
         values win when generate.py swaps variants."""
         return attention
+
+    def new_cache(
+        self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype, static: bool = False
+    ) -> LayerCache:
+        """This layer's cache for decoding up to `max_len` positions: by default the projected keys and values
+        (n_kv_head heads of head_dim); `static`: the fixed-shape one (variants with `static_cache` only). A variant
+        that decodes from something else (a latent, a running state, its inputs) returns its own LayerCache."""
+        kind = StaticLayerKVCache if static else LayerKVCache
+        return kind(batch_size, self.n_kv_head, max_len, self.head_dim, device=device, dtype=dtype)
 
     def kv_heads(self, config: ModelConfig) -> int:
         """Key/value heads; only `gqa` uses fewer than the query heads."""
@@ -259,8 +264,8 @@ class PackedQKVBase(Attention):
     """Base of the variants that keep the canonical packed projection, one matmul for Q, K and V
     (`fused_qkv`, `sdpa`, `gqa`, `swa`, `flex`); not a variant itself."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index)
         kv_dim = self.n_kv_head * self.head_dim
         self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
 
@@ -287,8 +292,8 @@ class SeparateQKVBase(Attention):
     """Base of the variants with three (C, C) projections `q_proj`, `k_proj`, `v_proj` (`mha`, `einsum`),
     stacked into the canonical `qkv` in the state dict; not a variant itself."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index)
         C = config.n_embd
         self.q_proj = nn.Linear(C, C, bias=config.bias)
         self.k_proj = nn.Linear(C, C, bias=config.bias)

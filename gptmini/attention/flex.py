@@ -40,8 +40,8 @@ class FlexAttention(PackedQKVBase):
     trains_on_cpu = has_dropout = False  # torch 2.13: no CPU backward, no dropout inside the kernel
     compiled_backend = "flex"  # compiled on GPUs: the profiler sees Inductor's kernels, not FlexAttention's op
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index)
         self._block_masks: dict[tuple[int, int, str], Any] = {}
 
     # Inductor's FlexAttention kernel refuses smaller heads ("NYI: embedding dimension of the query, key, and

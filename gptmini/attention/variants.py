@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptmini.attention.cache import StaticLayerKVCache
+from gptmini.attention.cache import LayerKVCache, StaticLayerKVCache
 from gptmini.attention.core import (
     Attention,
     PackedQKVBase,
@@ -28,8 +28,8 @@ class MultiHeadAttention(SeparateQKVBase):
     """The textbook split-head module, written out step by step. This is the reference every variant is
     tested against."""
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index)
         # True above the diagonal: the future positions each query must not see. Not persistent: never saved.
         mask = torch.triu(torch.ones(config.block_size, config.block_size, dtype=torch.bool), diagonal=1)
         self.register_buffer("mask", mask, persistent=False)
@@ -77,8 +77,8 @@ class WrapperAttention(Attention):
     # Each head's projections, in the order the canonical `qkv` stacks them.
     _LAYERS = ("query", "key", "value")
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index)
         self.heads = nn.ModuleList(
             CausalHead(config.n_embd, self.head_dim, config.bias, self.attn_dropout)
             for _ in range(config.n_head)
@@ -226,8 +226,8 @@ class SlidingWindowAttention(SDPAttention):
             return attention
         return dataclasses.replace(attention, window=cls.DEFAULT_WINDOW)
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index)
         assert config.attention.window is not None, "ModelConfig fills swa's window; check_attention_config needs one"
         self.window = config.attention.window
 
@@ -240,7 +240,6 @@ class TorchMultiheadAttention(Attention):
     inputs (as a single "head" of width C) and lets the module re-project them.
     """
 
-    cache_kind = "inputs"  # nn.MultiheadAttention projects keys and values itself: the cache keeps its inputs
     applies_rope = applies_qk_norm = False  # ... and queries and keys, so nothing can touch them in between
 
     # canonical name -> nn.MultiheadAttention's name
@@ -251,8 +250,8 @@ class TorchMultiheadAttention(Attention):
         ("out_proj.bias", "mha.out_proj.bias"),
     )
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
+        super().__init__(config, layer_index)
         for option, setting, able, off in (
             ("RoPE", config.pos_encoding == "rope", self.applies_rope, "pos_encoding=learned"),
             ("QK-norm", config.qk_norm, self.applies_qk_norm, "model.qk_norm=false"),
@@ -266,6 +265,11 @@ class TorchMultiheadAttention(Attention):
         self.mha = nn.MultiheadAttention(
             config.n_embd, config.n_head, dropout=config.dropout, bias=config.bias, batch_first=True
         )
+
+    def new_cache(self, batch_size, max_len, device, dtype, static=False):
+        """nn.MultiheadAttention projects keys and values itself: the cache keeps the layer inputs, as one "head"
+        of width C, and the module re-projects them each step."""
+        return LayerKVCache(batch_size, 1, max_len, self.n_embd, device=device, dtype=dtype)
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None):
         T = x.size(1)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gptmini.config.attention import AttentionConfig  # noqa: F401  (gptmini.config's names too)
 from gptmini.config.data import DataConfig  # noqa: F401  (gptmini.config's names too)
 from gptmini.config.optim import OLD_MUON_KEYS, MuonConfig, OptimConfig  # noqa: F401  (public names of gptmini.config)
 from gptmini.config.tools import CompareConfig, ExportConfig, HeadsConfig, HeadsOptions  # noqa: F401
@@ -32,27 +33,6 @@ from gptmini.config.values import (  # noqa: F401  (the lists and checks are gpt
     check_int,
     check_number,
 )
-
-
-@dataclass
-class AttentionConfig:
-    """Which attention implementation to use, and the knobs only some variants read."""
-
-    name: str = "sdpa"
-    # Key/value heads for grouped-query attention (`gqa`); None means one per query head.
-    n_kv_head: int | None = None
-    # Number of most recent tokens each query may see (`swa`); None means the whole causal context.
-    window: int | None = None
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Refuse a window that is not a positive integer. Which variants exist and which settings each reads, the
-        attention registry says (gptmini.attention.check_attention_config, run by gptmini.config_checks)."""
-        if self.window is not None:
-            check_int("model.attention.window", self.window, 1)
-
 
 # Variant name -> its class's `with_defaults`, filled by gptmini.attention.register_attention: the class says its
 # defaults, this package (below the registry) only looks them up. An unknown name (refused later) keeps its settings.
