@@ -37,6 +37,7 @@ from gptmini.attention.core import (
     merge_heads,
     normalize_heads,
     register_attention,
+    softmax_with_sinks,
     split_heads,
     weight_compatible_variants,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "merge_heads",
     "normalize_heads",
     "register_attention",
+    "softmax_with_sinks",
     "split_heads",
     "weight_compatible_variants",
 ]

@@ -57,16 +57,29 @@ def causal_keep_mask(q_len: int, k_len: int, device: torch.device, window: int |
 
 
 def math_attention(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor, dropout: nn.Dropout
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor, dropout: nn.Dropout, sinks: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Explicit softmax(QKᵀ/√d)V that also returns the weights; used whenever weights are asked for.
 
-    q (B, H, Tq, hd); k, v (B, H, Tk, hd) with as many heads as q; keep (Tq, Tk) bool.
+    q (B, H, Tq, hd); k, v (B, H, Tk, hd) with as many heads as q; keep (Tq, Tk) bool. `sinks` (H,): a learned
+    logit per head that joins every softmax denominator without a value (gpt-oss), so each row of the weights
+    returned sums to one minus the sink's share.
     """
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     scores = scores.masked_fill(~keep, float("-inf"))
-    weights = dropout(F.softmax(scores.float(), dim=-1).type_as(q))  # (B, H, Tq, Tk)
+    weights = softmax_with_sinks(scores.float(), sinks).type_as(q)  # (B, H, Tq, Tk)
+    weights = dropout(weights)
     return weights @ v, weights  # (B, H, Tq, hd)
+
+
+def softmax_with_sinks(scores: Tensor, sinks: Tensor | None) -> Tensor:
+    """Softmax over the last dim of scores (B, H, Tq, Tk), with each head's sink logit (H,) as one more column
+    that is dropped afterwards (None: the plain softmax)."""
+    if sinks is None:
+        return F.softmax(scores, dim=-1)
+    B, H, Tq, _ = scores.shape
+    sink = sinks.to(scores.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)  # (B, H, Tq, 1)
+    return F.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # (B, H, Tq, Tk)
 
 
 def split_heads(x: Tensor, n_head: int) -> Tensor:
@@ -194,6 +207,11 @@ class Attention(nn.Module):
         self.qk_gain = nn.Parameter(torch.ones(self.head_dim)) if config.qk_norm_gain else None
         self.attn_dropout = nn.Dropout(config.dropout)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # model.attention.gate (variants that read it): G1 of Qiu et al. 2025, y * sigmoid(x W_g) per head dimension
+        # before the output projection. model.attention.sinks: one learned logit per head (see math_attention).
+        # Both are separate state-dict keys, so the canonical layout of the variants without them is unchanged.
+        self.gate_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if config.attention.gate else None
+        self.sinks = nn.Parameter(torch.zeros(self.n_head)) if config.attention.sinks else None
         self.register_state_dict_post_hook(_save_hook)
         self.register_load_state_dict_pre_hook(_load_hook)
 
@@ -223,6 +241,13 @@ class Attention(nn.Module):
         if self.qk_norm:
             x = normalize_heads(x) if self.qk_gain is None else normalize_heads(x) * self.qk_gain  # (..., T, hd)
         return apply_rope(x, rope)
+
+    def project_out(self, y: Tensor, x: Tensor) -> Tensor:
+        """The attention output y (B, T, C), heads side by side, through the output gate (when on; it reads the
+        layer input x (B, T, C)) and the output projection."""
+        if self.gate_proj is not None:
+            y = y * torch.sigmoid(self.gate_proj(x))  # (B, T, C)
+        return self.out_proj(y)
 
     # Subclasses whose internal layout differs from the canonical one override these two.
     def _to_canonical(self, sd: dict[str, Tensor], prefix: str) -> None:
