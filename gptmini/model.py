@@ -65,8 +65,9 @@ class Block(nn.Module):
         kv_cache: LayerCache | None = None,
         return_weights: bool = False,
         rope: Rope | None = None,
+        docs: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        a, weights = self.attn(self.ln_1(x), kv_cache=kv_cache, return_weights=return_weights, rope=rope)
+        a, weights = self.attn(self.ln_1(x), kv_cache=kv_cache, return_weights=return_weights, rope=rope, docs=docs)
         x = x + self.resid_dropout(a)
         x = x + self.mlp(self.ln_2(x))
         return x, weights

@@ -42,17 +42,23 @@ def normalize_heads(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def causal_keep_mask(q_len: int, k_len: int, device: torch.device, window: int | None = None) -> Tensor:
-    """Bool (q_len, k_len), True where query i may attend to key j.
+def causal_keep_mask(
+    q_len: int, k_len: int, device: torch.device, window: int | None = None, docs: Tensor | None = None
+) -> Tensor:
+    """Bool (q_len, k_len), True where query i may attend to key j; (B, 1, q_len, k_len) when `docs` is given.
 
     Queries are the last `q_len` of `k_len` positions (the cache holds the earlier ones), so query i sits at
     absolute position k_len - q_len + i and sees keys j <= that position (and, with a window, j > pos - window).
+    `docs` (B, k_len): each position's document number; a query then sees only keys of its own document.
     """
     q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
     keep = k_pos <= q_pos
     if window is not None:
         keep &= q_pos - k_pos < window
+    if docs is not None:
+        same = docs[:, k_len - q_len :, None] == docs[:, None, :]  # (B, Tq, Tk)
+        keep = (keep & same)[:, None]  # (B, 1, Tq, Tk)
     return keep
 
 
@@ -182,6 +188,8 @@ class Attention(nn.Module):
     returns_weights: ClassVar[bool] = True
     # True when forward understands a StaticKVCache (fixed-shape decoding that CUDA graphs can capture).
     static_cache: ClassVar[bool] = False
+    # True when forward honours `docs` (model.doc_mask: each token attends only within its own document).
+    doc_mask: ClassVar[bool] = False
     # What the variant can do: train on CPU (a backward there), attention dropout, RoPE and QK-norm on its heads.
     trains_on_cpu: ClassVar[bool] = True
     has_dropout: ClassVar[bool] = True
@@ -262,8 +270,9 @@ class Attention(nn.Module):
 
         A classmethod, so the trainer can ask before it builds anything."""
 
-    def keep_mask(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
-        return causal_keep_mask(q_len, k_len, device, self.window)
+    def keep_mask(self, q_len: int, k_len: int, device: torch.device, docs: Tensor | None = None) -> Tensor:
+        """Causal (within this layer's window, and within each document when `docs` (B, k_len) is given)."""
+        return causal_keep_mask(q_len, k_len, device, self.window, docs)
 
     # The same signature as gptmini.model.Block.forward, which passes its arguments straight through.
     def forward(
@@ -272,7 +281,10 @@ class Attention(nn.Module):
         kv_cache: LayerKVCache | None = None,
         return_weights: bool = False,
         rope: Rope | None = None,
+        docs: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, C) -> (y (B, T, C), the weights (B, H, T, Tk) when asked and `returns_weights`). `docs` (B, T):
+        each position's document number, for variants with `doc_mask` (model.doc_mask); None: one document."""
         raise NotImplementedError
 
 

@@ -80,7 +80,7 @@ class FlexAttention(PackedQKVBase):
             self._block_masks[key] = create_block_mask(causal, None, None, q_len, k_len, device=device)
         return self._block_masks[key]
 
-    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         if torch.is_grad_enabled():  # also in eval mode: gradients with respect to the input need a backward
             check_backward(x.device)
         if self.training:

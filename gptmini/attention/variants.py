@@ -34,7 +34,7 @@ class MultiHeadAttention(SeparateQKVBase):
         mask = torch.triu(torch.ones(config.block_size, config.block_size, dtype=torch.bool), diagonal=1)
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -84,7 +84,7 @@ class WrapperAttention(Attention):
             for _ in range(config.n_head)
         )
 
-    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         qs = [self.position_qk(h.query(x), rope) for h in self.heads]  # n_head x (B, T, hd)
         k = torch.stack([self.position_qk(h.key(x), rope) for h in self.heads], dim=1)  # (B, H, T, hd)
         v = torch.stack([h.value(x) for h in self.heads], dim=1)  # (B, H, T, hd)
@@ -123,7 +123,7 @@ class WrapperAttention(Attention):
 class FusedQKV(PackedQKVBase):
     """The `fused_qkv` variant: as `mha`, with one (C, 3C) projection instead of three."""
 
-    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H, Tk, hd) x2
         y, weights = math_attention(
             q, k, v, self.keep_mask(q.size(2), k.size(2), x.device), self.attn_dropout
@@ -135,7 +135,7 @@ class FusedQKV(PackedQKVBase):
 class EinsumAttention(SeparateQKVBase):
     """As `mha`, with every contraction (projections included) written as `torch.einsum`."""
 
-    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         B, T, C = x.shape
         H, hd = self.n_head, self.head_dim
 
@@ -165,7 +165,7 @@ class SDPAttention(PackedQKVBase):
 
     static_cache = True  # decodes with a StaticKVCache (the compiled, CUDA-graph-friendly decode path)
 
-    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H_kv, Tk, hd) x2
         if return_weights:
             y, weights = self.weights_path(q, k, v)
@@ -271,7 +271,7 @@ class TorchMultiheadAttention(Attention):
         of width C, and the module re-projects them each step."""
         return LayerKVCache(batch_size, 1, max_len, self.n_embd, device=device, dtype=dtype)
 
-    def forward(self, x, kv_cache=None, return_weights=False, rope=None):
+    def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         T = x.size(1)
         context = x
         if kv_cache is not None:
