@@ -81,8 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_config(args: argparse.Namespace, name: str) -> ModelConfig:
+    """The benchmark's shape; the key/value heads and the window go to the variants that read them."""
+    reads = ATTENTION_REGISTRY[name].reads
     attention = AttentionConfig(
-        name, n_kv_head=args.kv_heads if name == "gqa" else None, window=args.window if name == "swa" else None
+        name,
+        n_kv_head=args.kv_heads if "n_kv_head" in reads else None,
+        window=args.window if "window" in reads else None,
     )
     return ModelConfig(n_head=args.heads, n_embd=args.embd, block_size=args.seq, dropout=0.0, attention=attention)
 
@@ -118,10 +122,18 @@ def mha_reference(module: Attention, args: argparse.Namespace, device: torch.dev
     return reference.eval()
 
 
+def mha_equivalent(module: Attention) -> bool:
+    """Whether `mha_reference` models this variant: mha itself, or mha with fewer key/value heads or a window.
+    The others (latent, differential, linear attention) compute other functions and are pinned by their tests."""
+    return module.weight_compatible or module.window is not None or module.n_kv_head != module.n_head
+
+
 def cross_check(modules: dict[str, Attention], x: torch.Tensor, args: argparse.Namespace) -> None:
-    """Raise unless every variant's fp32 output matches its `mha` reference."""
+    """Raise unless every variant that mha models matches its `mha` reference in fp32."""
     with torch.no_grad():
         for name, module in modules.items():
+            if not mha_equivalent(module):
+                continue
             y, _ = module.eval()(x)
             expected, _ = mha_reference(module, args, x.device)(x)
             torch.testing.assert_close(
@@ -239,14 +251,32 @@ def sweep(calls: dict[tuple[str, str], tuple[Callable, Attention]], x: torch.Ten
     }
 
 
-def markdown(results: dict[tuple[str, str], dict], args: argparse.Namespace, device: torch.device) -> str:
+def cache_bytes(module: Attention, seq: int) -> tuple[float, int]:
+    """What one layer's decoding cache holds for one sequence, in fp32: bytes per token (from the sizes at `seq`
+    and `2 * seq` positions) and the bytes that do not grow with length. Built on the meta device: nothing is
+    allocated."""
+    meta = torch.device("meta")
+    short, long = (module.new_cache(1, n, meta, torch.float32).nbytes() for n in (seq, 2 * seq))
+    per_token = (long - short) / seq
+    return per_token, short - round(per_token * seq)
+
+
+def cache_cell(module: Attention, seq: int) -> str:
+    per_token, fixed = cache_bytes(module, seq)
+    if per_token == 0:
+        return f"0 (constant state, {fixed:,} B)"
+    return f"{per_token:,.0f}" + (f" + {fixed:,} B" if fixed else "")
+
+
+def markdown(results: dict[tuple[str, str], dict], args: argparse.Namespace, device: torch.device,
+             modules: dict[str, Attention]) -> str:
     with_mode = args.compile  # a mode column only when there are compiled rows
     autocast = "fp32, no autocast" if AUTOCAST[args.dtype] is None else f"{args.dtype} autocast (fp32 weights, input)"
     compiled = "eager and torch.compile" if args.compile else "eager only (torch.compile: --compile)"
     timer = "CUDA events" if device.type == "cuda" else f"time.perf_counter, {torch.get_num_threads()} threads"
     memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "replay of torch.profiler allocations"
     header = ["variant", *(["mode"] if with_mode else []), "fwd ms", "fwd vs mha", "fwd+bwd ms", "fwd+bwd vs mha"]
-    header += ["fwd peak MiB", "fwd+bwd peak MiB"]
+    header += ["fwd peak MiB", "fwd+bwd peak MiB", "KV-cache bytes/token"]
     lines = [
         "## Attention variants",
         "",
@@ -257,7 +287,12 @@ def markdown(results: dict[tuple[str, str], dict], args: argparse.Namespace, dev
         f"- {autocast}; {compiled}; median of {args.rounds} rounds × {args.iters} calls, variants round-robin, "
         f"each after {args.warmup} warm-up calls ({timer}).",
         "- fwd: eval, no_grad. fwd+bwd: train mode, dropout 0, gradients of input and weights. "
-        "Same weights everywhere (gqa its own); every variant matched mha in fp32 before timing.",
+        "Same weights everywhere a variant reads mha's layout (gqa its own); every variant that mha models (itself, "
+        "fewer key/value heads, a window) matched mha in fp32 before timing; "
+        f"the others ({', '.join(n for n, m in modules.items() if not mha_equivalent(m)) or 'none'}) are pinned "
+        "to their papers' equations by their tests.",
+        "- KV-cache bytes/token: what one layer's decoding cache grows by per generated token for one sequence, in "
+        "fp32 (bf16 halves it), from the variant's own cache (`Attention.new_cache`); a constant state says so.",
         "- vs mha: mha time / variant time in the same mode (higher is faster). "
         f"Peak MiB: allocated above weights and input during one call ({memory}).",
         "",
@@ -273,6 +308,7 @@ def markdown(results: dict[tuple[str, str], dict], args: argparse.Namespace, dev
             else:
                 row += [f"{cells[p][0]:.2f}", f"{base[p][0] / cells[p][0]:.2f}×"]
         row += ["n/a" if cells[p] is None or cells[p][1] is None else f"{cells[p][1]:.1f}" for p in PASSES]
+        row.append(cache_cell(modules[name], args.seq))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -290,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in modes
         for name, module in modules.items()
     }
-    table = markdown(sweep(calls, x, dy, args), args, device)
+    table = markdown(sweep(calls, x, dy, args), args, device, modules)
     print(table)
     if not args.no_write:
         write_section("attention", table)
