@@ -92,15 +92,17 @@ def model_config(args: argparse.Namespace, name: str) -> ModelConfig:
 
 
 def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, Attention]:
-    """Every requested variant, all on one set of weights where the shapes allow (all but gqa)."""
+    """Every requested variant, all on one set of weights where the layout and shapes allow (not gqa's fewer
+    key/value heads, nor the variants with parameters of their own)."""
     torch.manual_seed(0)
     shared = build_attention(model_config(args, "mha")).state_dict()  # the canonical layout every variant reads
     modules = {}
     for name in args.variants:
         torch.manual_seed(0)
         module = build_attention(model_config(args, name))
-        if module.n_kv_head == args.heads:
-            module.load_state_dict(shared)
+        mine = module.state_dict()
+        if mine.keys() == shared.keys() and all(mine[k].shape == shared[k].shape for k in mine):
+            module.load_state_dict(shared)  # every variant in mha's layout and shapes runs mha's weights
         modules[name] = module.to(device)
     return modules
 
