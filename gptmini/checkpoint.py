@@ -278,12 +278,14 @@ _FIXED_BY_WEIGHTS = {"n_kv_head": "key/value heads are"}
 def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> AttentionConfig:
     """The attention config to run with: `wanted` when it can load weights trained with `trained`.
 
-    Settings `wanted` leaves null (the YAML groups do) keep the checkpoint's own values: a model trained with
+    Settings `wanted` leaves null or false (the YAML groups do) keep the checkpoint's own values: a model trained with
     window 4 and run as `model/attention=swa` still sees 4 tokens, unless the user typed model.attention.window.
     """
     if wanted.name == trained.name:
         cls = attention_class(wanted.name)
-        kept = {key: getattr(trained, key) for key in cls.reads if getattr(wanted, key) is None}
+        # null (a size) or false (a switch: gate, sinks) is what the YAML groups leave: the checkpoint's own value
+        unset = [key for key in cls.reads if getattr(wanted, key) is None or getattr(wanted, key) is False]
+        kept = {key: getattr(trained, key) for key in unset}
         wanted = dataclasses.replace(wanted, **kept)
         for key in cls.fixed_by_weights:
             if getattr(wanted, key) != getattr(trained, key):

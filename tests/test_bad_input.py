@@ -240,6 +240,18 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "is a file of a training run"),
         ("heads: prompt outside the vocabulary", [*HEADS, f"ckpt={run}", "prompt=QED"], "'Q'"),
         ("generate: unknown attention_scale", [*gen, "attention_scale=log"], "attention_scale='log' is unknown"),
+        ("train: mla kv_rank wider than n_embd", trainer("model/attention=mla", "model.attention.kv_rank=17"),
+         "model.attention.kv_rank=17 is wider than model.n_embd=16"),
+        ("train: mla q_rank wider than n_embd", trainer("model/attention=mla", "model.attention.q_rank=32"),
+         "model.attention.q_rank=32 is wider than model.n_embd=16"),
+        ("train: mla odd rope_dim", trainer("model/attention=mla", "model.pos_encoding=rope",
+                                            "model.attention.rope_dim=3"), "model.attention.rope_dim=3 must be even"),
+        ("train: mla rope_dim with learned positions", trainer("model/attention=mla", "model.attention.rope_dim=4"),
+         "model.attention.rope_dim=4 sizes a rotary part, which needs model.pos_encoding=rope"),
+        ("train: mla with QK-norm", trainer("model/attention=mla", "model.qk_norm=true"),
+         "attention variant 'mla' cannot apply QK-norm"),
+        ("train: kv_rank with sdpa", trainer("model.attention.kv_rank=8"),
+         "model.attention.kv_rank=8 is ignored by attention variant 'sdpa'; only mla reads it"),
     ]
 
 

@@ -18,7 +18,7 @@ State dicts are portable. Every variant saves its parameters in one canonical la
 state-dict hooks. So a model trained with `sdpa` loads into `mha` to look at its attention weights.
 
 Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (the per-layer KV caches), `variants`
-(every variant but flex) and `flex`.
+(every variant but flex and mla), `flex` and `mla` (multi-head latent attention, with its own state dict and cache).
 """
 
 from gptmini.attention.cache import KVCache, LayerCache, LayerKVCache, StaticKVCache, StaticLayerKVCache
@@ -55,6 +55,7 @@ from gptmini.attention.variants import (  # imported (and so registered) first: 
 
 # isort: split
 from gptmini.attention.flex import FlexAttention
+from gptmini.attention.mla import LatentCache, MultiHeadLatentAttention, StaticLatentCache
 
 __all__ = [
     "ATTENTION_REGISTRY",
@@ -66,10 +67,13 @@ __all__ = [
     "GroupedQueryAttention",
     "KVCache",
     "LayerCache",
+    "LatentCache",
     "LayerKVCache",
     "StaticKVCache",
+    "StaticLatentCache",
     "StaticLayerKVCache",
     "MultiHeadAttention",
+    "MultiHeadLatentAttention",
     "PackedQKVBase",
     "Rope",
     "SDPAttention",

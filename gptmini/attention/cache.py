@@ -92,12 +92,13 @@ class StaticKVCache(KVCache):
 
     `pos` (how many positions are filled) is kept by the caller, outside the captured step (`advance`)."""
 
-    def __init__(self, layers: Sequence[StaticLayerKVCache]) -> None:
+    def __init__(self, layers: Sequence[LayerCache]) -> None:
         super().__init__(layers)
         first = layers[0]
-        self.max_len = first.max_len
-        self.input_pos = torch.zeros(1, dtype=torch.long, device=first.k.device)  # (T,) the positions being written
-        self.k_pos = torch.arange(self.max_len, device=first.k.device)  # (max_len,)
+        self.max_len: int = first.max_len  # every static layer cache has one
+        device = first.tensors()[0].device
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)  # (T,) the positions being written
+        self.k_pos = torch.arange(self.max_len, device=device)  # (max_len,)
         # Buffers the compiled step writes in place: marked static, CUDA graphs keep them (as they keep a module's
         # buffers) instead of skipping the graph for "mutated inputs".
         for layer in layers:
@@ -119,11 +120,15 @@ class StaticLayerKVCache(LayerKVCache):
         return self.k, self.v
 
     def keep_mask(self, window: int | None) -> Tensor:
-        """Bool (T, max_len): query at input_pos[i] sees the filled keys j <= input_pos[i] (within `window`)."""
         assert self.owner is not None
-        q_pos = self.owner.input_pos[:, None]  # (T, 1)
-        k_pos = self.owner.k_pos[None, :]  # (1, max_len)
-        keep = k_pos <= q_pos
-        if window is not None:
-            keep &= q_pos - k_pos < window
-        return keep
+        return static_keep_mask(self.owner, window)
+
+
+def static_keep_mask(owner: StaticKVCache, window: int | None) -> Tensor:
+    """Bool (T, max_len): query at input_pos[i] sees the filled keys j <= input_pos[i] (within `window`)."""
+    q_pos = owner.input_pos[:, None]  # (T, 1)
+    k_pos = owner.k_pos[None, :]  # (1, max_len)
+    keep = k_pos <= q_pos
+    if window is not None:
+        keep &= q_pos - k_pos < window
+    return keep

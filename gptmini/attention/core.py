@@ -73,7 +73,8 @@ def math_attention(
     """
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     scores = scores.masked_fill(~keep, float("-inf"))
-    weights = softmax_with_sinks(scores.float(), sinks).type_as(q)  # (B, H, Tq, Tk)
+    # in float32 at least (bf16 weights lose the small ones), float64 kept for float64 checks
+    weights = softmax_with_sinks(scores.to(torch.promote_types(scores.dtype, torch.float32)), sinks).type_as(q)
     weights = dropout(weights)
     return weights @ v, weights  # (B, H, Tq, hd)
 
@@ -178,6 +179,10 @@ class Attention(nn.Module):
     # True when this variant loads the canonical full-head state dict and computes what `mha` computes with it;
     # variants that change the function (fewer key/value heads, a window) set it to False.
     weight_compatible: ClassVar[bool] = True
+    # True when the state dict is the canonical layout (qkv, out_proj), with as many key/value heads as the variant
+    # has (gqa: fewer), so an `mha` module can be made to compute the same function; a variant with parameters of
+    # its own (mla's latents) sets False and is pinned by its own tests instead.
+    canonical_layout: ClassVar[bool] = True
     # Which of OPTIONAL_KEYS (model.attention.*) this variant reads (a value set for any other key is refused),
     # which it needs, and which the trained weights fix (a checkpoint runs only with its own value).
     reads: ClassVar[tuple[str, ...]] = ()
@@ -224,10 +229,11 @@ class Attention(nn.Module):
         self.register_load_state_dict_pre_hook(_load_hook)
 
     @classmethod
-    def with_defaults(cls, attention: AttentionConfig, n_head: int) -> AttentionConfig:
-        """`attention` with the settings this variant needs but the config left null filled in (ModelConfig calls
-        it through gptmini.config.VARIANT_DEFAULTS); the YAML groups leave them null so that a checkpoint's own
-        values win when generate.py swaps variants."""
+    def with_defaults(cls, attention: AttentionConfig, model: ModelConfig) -> AttentionConfig:
+        """`attention` with the settings this variant needs but the config left null filled in from the rest of
+        `model` (ModelConfig calls it through gptmini.config.VARIANT_DEFAULTS, before validating itself; its sizes
+        are positive integers by then); the YAML groups leave them null so that a checkpoint's own values win when
+        generate.py swaps variants."""
         return attention
 
     def new_cache(

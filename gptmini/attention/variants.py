@@ -201,10 +201,11 @@ class GroupedQueryAttention(SDPAttention):
     reads = fixed_by_weights = ("n_kv_head",)
 
     @classmethod
-    def with_defaults(cls, attention: AttentionConfig, n_head: int) -> AttentionConfig:
+    def with_defaults(cls, attention: AttentionConfig, model: ModelConfig) -> AttentionConfig:
         """n_kv_head defaults to the largest divisor of n_head up to half of it (fewer heads than mha)."""
         if attention.n_kv_head is not None:
             return attention
+        n_head = model.n_head
         kv = max([d for d in range(1, n_head // 2 + 1) if n_head % d == 0], default=1)
         return dataclasses.replace(attention, n_kv_head=kv)
 
@@ -221,7 +222,7 @@ class SlidingWindowAttention(SDPAttention):
     DEFAULT_WINDOW = 64  # model.attention.window when the config leaves it null
 
     @classmethod
-    def with_defaults(cls, attention: AttentionConfig, n_head: int) -> AttentionConfig:
+    def with_defaults(cls, attention: AttentionConfig, model: ModelConfig) -> AttentionConfig:
         if attention.window is not None:
             return attention
         return dataclasses.replace(attention, window=cls.DEFAULT_WINDOW)

@@ -36,16 +36,19 @@ from gptmini.config.values import (  # noqa: F401  (the lists and checks are gpt
 
 # Variant name -> its class's `with_defaults`, filled by gptmini.attention.register_attention: the class says its
 # defaults, this package (below the registry) only looks them up. An unknown name (refused later) keeps its settings.
-VARIANT_DEFAULTS: dict[str, Callable[[AttentionConfig, int], AttentionConfig]] = {}
+VARIANT_DEFAULTS: dict[str, Callable[[AttentionConfig, ModelConfig], AttentionConfig]] = {}
 
 
-def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionConfig:
-    """Fill the settings a variant needs but the config left null (swa's window, gqa's key/value heads). The YAML
-    groups leave them null so that `generate.py model/attention=swa` runs a checkpoint with its own window."""
-    fill = VARIANT_DEFAULTS.get(attention.name)
-    if fill is None or not isinstance(n_head, int) or n_head <= 0:
-        return attention
-    return fill(attention, n_head)
+def with_variant_defaults(model: ModelConfig) -> AttentionConfig:
+    """`model.attention` with the settings its variant needs but the config left null filled in from the other sizes
+    (swa's window, gqa's key/value heads, mla's latent widths). The YAML groups leave them null so that
+    `generate.py model/attention=swa` runs a checkpoint with its own window. Sizes that are not positive integers
+    are left to `validate` to refuse."""
+    fill = VARIANT_DEFAULTS.get(model.attention.name)
+    sizes = (model.n_head, model.n_embd)
+    if fill is None or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+        return model.attention
+    return fill(model.attention, model)
 
 
 @dataclass
@@ -81,7 +84,7 @@ class ModelConfig:
         """Normalise (a checkpoint's dict becomes an AttentionConfig, variant defaults are filled in), then validate."""
         if isinstance(self.attention, dict):
             self.attention = AttentionConfig(**self.attention)
-        self.attention = with_variant_defaults(self.attention, self.n_head)
+        self.attention = with_variant_defaults(self)
         self.validate()
 
     @property
@@ -95,6 +98,21 @@ class ModelConfig:
     @property
     def n_kv_head(self) -> int:
         return self.attention.n_kv_head or self.n_head
+
+    def check_attention_sizes(self) -> None:
+        """The model.attention sizes that are judged against the model's own (whichever variant reads them)."""
+        kv = self.attention.n_kv_head
+        if kv is not None and (kv <= 0 or self.n_head % kv != 0):
+            raise ValueError(f"model.attention.n_kv_head={kv} must be a positive divisor of model.n_head={self.n_head}")
+        for key in ("kv_rank", "q_rank"):
+            rank = getattr(self.attention, key)
+            if rank is not None and rank > self.n_embd:
+                raise ValueError(f"model.attention.{key}={rank} is wider than model.n_embd={self.n_embd}: a latent "
+                                 f"compresses the input; choose at most {self.n_embd}")
+        rope_dim = self.attention.rope_dim
+        if rope_dim is not None and self.pos_encoding != "rope":
+            raise ValueError(f"model.attention.rope_dim={rope_dim} sizes a rotary part, which needs "
+                             f"model.pos_encoding=rope (got {self.pos_encoding}); remove the setting")
 
     def validate(self) -> None:
         """Raise a one-line ValueError naming the first bad value. What needs a registry (the attention variant and
@@ -110,9 +128,7 @@ class ModelConfig:
         check_choice("model.pos_encoding", self.pos_encoding, POS_ENCODINGS)
         if self.pos_encoding == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"pos_encoding=rope needs an even head size, got n_embd/n_head={self.head_dim}")
-        kv = self.attention.n_kv_head
-        if kv is not None and (kv <= 0 or self.n_head % kv != 0):
-            raise ValueError(f"model.attention.n_kv_head={kv} must be a positive divisor of model.n_head={self.n_head}")
+        self.check_attention_sizes()
         check_choice("model.mlp", self.mlp, MLP_KINDS)
         if self.qk_norm_gain and not self.qk_norm:
             raise ValueError("model.qk_norm_gain=true scales normalised queries and keys; it needs model.qk_norm=true")

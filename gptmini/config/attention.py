@@ -39,6 +39,8 @@ class AttentionConfig:
         gptmini.config_checks)."""
         for key in ("window", "kv_rank", "q_rank", "rope_dim"):
             check_int(f"model.attention.{key}", getattr(self, key), 1, none_ok=True)
+        if self.rope_dim is not None and self.rope_dim % 2 != 0:
+            raise ValueError(f"model.attention.rope_dim={self.rope_dim} must be even: RoPE rotates pairs of dimensions")
         for key in ("gate", "sinks"):
             value = getattr(self, key)
             if not isinstance(value, bool):
