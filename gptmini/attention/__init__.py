@@ -18,7 +18,7 @@ State dicts are portable. Every variant saves its parameters in one canonical la
 state-dict hooks. So a model trained with `sdpa` loads into `mha` to look at its attention weights.
 
 Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (the per-layer KV caches), `variants`
-(every variant but flex) and `flex`.
+(every variant but flex and linear), `flex` and `linear` (causal linear attention, with its running-state cache).
 """
 
 from gptmini.attention.cache import KVCache, LayerCache, LayerKVCache, StaticKVCache, StaticLayerKVCache
@@ -55,6 +55,7 @@ from gptmini.attention.variants import (  # imported (and so registered) first: 
 
 # isort: split
 from gptmini.attention.flex import FlexAttention
+from gptmini.attention.linear import LinearAttention, LinearStateCache
 
 __all__ = [
     "ATTENTION_REGISTRY",
@@ -67,6 +68,8 @@ __all__ = [
     "KVCache",
     "LayerCache",
     "LayerKVCache",
+    "LinearAttention",
+    "LinearStateCache",
     "StaticKVCache",
     "StaticLayerKVCache",
     "MultiHeadAttention",
