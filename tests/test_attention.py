@@ -185,10 +185,11 @@ def test_causal_mha_on_seed_tokens_with_identity_projections():
 
 # Windowed variants (swa) are pinned by the loop reference below; a variant that cannot apply RoPE (torch_mha)
 # refuses it by design (test_torch_mha_refuses_rope).
+# A variant with another kernel than softmax (softmax=False: linear) has its own reference (test_linear_attention.py).
 # A variant with parameters of its own (canonical_layout=False: mla) is pinned by its own tests (tests/test_mla.py).
 VS_MHA = [(n, pos) for n in ALL for pos in ("learned", "rope")
           if "window" not in ATTENTION_REGISTRY[n].reads and (pos == "learned" or ATTENTION_REGISTRY[n].applies_rope)
-          and ATTENTION_REGISTRY[n].canonical_layout]
+          and ATTENTION_REGISTRY[n].canonical_layout and ATTENTION_REGISTRY[n].softmax]
 
 
 @pytest.mark.parametrize(("name", "pos"), VS_MHA)
@@ -208,7 +209,8 @@ def test_variant_matches_mha_outputs_and_weights(name, pos):
     assert torch.allclose(w, w_ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [n for n in GRAD_ON_CPU if ATTENTION_REGISTRY[n].canonical_layout])
+@pytest.mark.parametrize("name", [n for n in GRAD_ON_CPU
+                                  if ATTENTION_REGISTRY[n].canonical_layout and ATTENTION_REGISTRY[n].softmax])
 def test_variant_gradients_match_mha(name):
     module = make(name).train()  # dropout is 0, so train mode is deterministic
     if name == "swa":
@@ -443,7 +445,7 @@ def test_base_classes_are_not_variants():
     assert ATTENTION_REGISTRY["fused_qkv"] is FusedQKV and issubclass(FusedQKV, PackedQKVBase)
     assert not {PackedQKVBase, SeparateQKVBase} & set(ATTENTION_REGISTRY.values())
     assert {n for n, cls in ATTENTION_REGISTRY.items() if issubclass(cls, PackedQKVBase)} == {
-        "fused_qkv", "sdpa", "gqa", "swa", "flex"}
+        "fused_qkv", "sdpa", "gqa", "swa", "flex", "linear"}
     assert {n for n, cls in ATTENTION_REGISTRY.items() if issubclass(cls, SeparateQKVBase)} == {"mha", "einsum"}
     assert WrapperAttention._LAYERS == ("query", "key", "value")  # in the order the canonical qkv stacks them
 

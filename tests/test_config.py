@@ -161,7 +161,7 @@ def test_attention_settings_the_variant_reads_are_accepted():
     assert ModelConfig(n_head=6, n_embd=96, attention=AttentionConfig("gqa")).attention.n_kv_head == 3
     ModelConfig(attention=AttentionConfig("swa", window=8))
     assert ModelConfig(attention=AttentionConfig("swa")).attention.window == 64  # the default window
-    refused(lambda: checked(ModelConfig(attention=AttentionConfig("linear"))), "unknown attention variant 'linear'")
+    refused(lambda: checked(ModelConfig(attention=AttentionConfig("bogus"))), "unknown attention variant 'bogus'")
     refused(lambda: AttentionConfig("swa", window=0), "model.attention.window=0 must be a positive integer")
 
 
@@ -173,7 +173,7 @@ def test_checkpoint_dicts_are_checked_too():
 
 
 @pytest.mark.parametrize("variant", ["sdpa", "mha", "einsum", "flex", "gqa", "swa", "torch_mha", "wrapper",
-                                     "fused_qkv"])
+                                     "fused_qkv", "linear"])
 def test_every_attention_config_group_composes(variant):
     """Each configs/model/attention/*.yaml sets only what its variant reads (the others are null)."""
     run = compose_train(f"model/attention={variant}")

@@ -18,7 +18,8 @@ State dicts are portable. Every variant saves its parameters in one canonical la
 state-dict hooks. So a model trained with `sdpa` loads into `mha` to look at its attention weights.
 
 Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (the per-layer KV caches), `variants`
-(every variant but flex and mla), `flex` and `mla` (multi-head latent attention, with its own state dict and cache).
+(every variant but flex, mla and linear), `flex`, `mla` (multi-head latent attention, with its own state dict and
+cache) and `linear` (causal linear attention, with its running-state cache).
 """
 
 from gptmini.attention.cache import KVCache, LayerCache, LayerKVCache, StaticKVCache, StaticLayerKVCache
@@ -55,6 +56,7 @@ from gptmini.attention.variants import (  # imported (and so registered) first: 
 
 # isort: split
 from gptmini.attention.flex import FlexAttention
+from gptmini.attention.linear import LinearAttention, LinearStateCache
 from gptmini.attention.mla import LatentCache, MultiHeadLatentAttention, StaticLatentCache
 
 __all__ = [
@@ -69,6 +71,8 @@ __all__ = [
     "LayerCache",
     "LatentCache",
     "LayerKVCache",
+    "LinearAttention",
+    "LinearStateCache",
     "StaticKVCache",
     "StaticLatentCache",
     "StaticLayerKVCache",

@@ -147,8 +147,9 @@ def check_attention_config(attention: AttentionConfig, complete: bool = True) ->
             users = f"; only {', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it" if readers else ""
             choose = f" or choose model/attention={readers[0]}" if readers else ""
             shown = str(value).lower() if isinstance(value, bool) else value
+            because = f" ({cls.not_read_because[key]})" if key in cls.not_read_because else ""
             raise ValueError(
-                f"model.attention.{key}={shown} is ignored by attention variant {attention.name!r}{users}: "
+                f"model.attention.{key}={shown} is ignored by attention variant {attention.name!r}{because}{users}: "
                 f"remove the setting{choose}"
             )
         if value is None and key in cls.needs and complete:
@@ -188,6 +189,11 @@ class Attention(nn.Module):
     reads: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[tuple[str, ...]] = ()
     fixed_by_weights: ClassVar[tuple[str, ...]] = ()
+    # Why the variant cannot read some of the other keys (key -> a phrase), added to the refusal of a set value.
+    not_read_because: ClassVar[dict[str, str]] = {}
+    # True when the weights are softmax(QKᵀ/√d) under a causal mask (what `mha` computes, up to the heads and the
+    # window); False for a variant with another kernel (`linear`), which no softmax reference reproduces.
+    softmax: ClassVar[bool] = True
     # True when forward(return_weights=True) returns the (B, H, Tq, Tk) attention weights (the trainer draws them
     # every train.attn_interval steps; a variant without them gets no maps, and the log says so once).
     returns_weights: ClassVar[bool] = True
