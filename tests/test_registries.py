@@ -34,8 +34,8 @@ def blind_variant():
         def with_defaults(cls, attention, n_head):
             return attention if attention.window is not None else AttentionConfig(attention.name, window=5)
 
-        def forward(self, x, kv_cache=None, return_weights=False, rope=None):
-            return super().forward(x, kv_cache, False, rope)  # never the weights
+        def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
+            return super().forward(x, kv_cache, False, rope, docs)  # never the weights
 
     yield Blind
     del ATTENTION_REGISTRY["blind"], VARIANT_DEFAULTS["blind"]
