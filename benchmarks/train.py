@@ -11,6 +11,8 @@ Rounds interleave the configurations, so a change in the machine's load hits all
 the median over rounds. MFU uses the peak-FLOPs table of `gptmini.device` (n/a where the device has no entry,
 e.g. CPUs); achieved TFLOP/s is shown either way. On a GPU the GPT-2 124M rows (block 1024, bf16) run eager and
 compiled.
+`--doc-mask N` also times every case with model.doc_mask=true, the batch holding an end-of-text every N tokens
+(documents of N tokens): the cost of the per-document mask against the plain causal one.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "else 1)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--loss-chunk", type=int, help="also time the fused, chunked LM loss (train.loss_chunk=N)")
+    p.add_argument("--doc-mask", type=int, metavar="N",
+                   help="also time model.doc_mask=true, with an end-of-text every N tokens (documents of N tokens)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (default on GPU)")
     p.add_argument("--eager", action="store_true", help="eager only, also on a GPU (no compile time)")
     p.add_argument("--profile", action="store_true",
@@ -76,10 +80,13 @@ class Case:
     """One (model, variant, compiled) configuration: its own model, optimizer and TrainStep, and a fixed batch."""
 
     def __init__(self, model_name: str, variant: str, compiled: bool, device: torch.device, dtype: torch.dtype,
-                 grad_accum: int = 1, loss_chunk: int | None = None, optim: str = "adamw"):
+                 grad_accum: int = 1, loss_chunk: int | None = None, optim: str = "adamw", doc_len: int | None = None):
         cfg = dataclasses.replace(MODELS[model_name], attention=AttentionConfig(variant))
+        if doc_len:  # end-of-text is id 0 here: the tokens are random anyway
+            cfg = dataclasses.replace(cfg, doc_mask=True, eot_id=0)
         mode = ("compiled" if compiled else "eager") + (f", loss in chunks of {loss_chunk}" if loss_chunk else "")
         mode += ", muon" if optim == "muon" else ""
+        mode += f", doc_mask (documents of {doc_len})" if doc_len else ""
         self.label = (model_name, variant, mode)
         self.grad_accum = grad_accum
         self.batch = BATCH[device.type][model_name]
@@ -91,7 +98,9 @@ class Case:
                                               warmup_iters=0, loss_chunk=loss_chunk))
         hw = Hardware(env=DistEnv(), device=device, dtype=dtype, info=describe(device), strategy="none")
         self.trainer = TrainStep(run_cfg, model, make_optimizer(model, run_cfg, device), hw)
-        x = torch.randint(cfg.vocab_size, (self.batch, cfg.block_size), device=device)  # (B, T)
+        x = torch.randint(1, cfg.vocab_size, (self.batch, cfg.block_size), device=device)  # (B, T)
+        if doc_len:
+            x[:, doc_len::doc_len] = 0  # an end-of-text opens each next document
         y = torch.randint(cfg.vocab_size, (self.batch, cfg.block_size), device=device)  # (B, T)
         self.batches = itertools.repeat((x, y))
         padding = (cfg.padded_vocab - cfg.vocab_size) * cfg.n_embd  # padding rows do no useful work: not counted
@@ -139,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         return 4 if model_name.startswith("gpt2") and device.type == "cuda" else 1
 
     chunks = [None] + ([args.loss_chunk] if args.loss_chunk else [])
-    cases = [Case(m, v, c, device, dtype, accum(m), k, o)
-             for m in models for v in args.variants for c in compiled for k in chunks for o in args.optims]
+    docs = [None] + ([args.doc_mask] if args.doc_mask else [])
+    cases = [Case(m, v, c, device, dtype, accum(m), k, o, d) for m in models for v in args.variants
+             for c in compiled for k in chunks for o in args.optims for d in docs]
     for case in cases:
         for _ in range(args.warmup):
             case.step()

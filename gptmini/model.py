@@ -83,6 +83,11 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
+        if config.doc_mask and config.eot_id is None:
+            raise ValueError(
+                "model.doc_mask=true needs model.eot_id, the end-of-text id that separates documents (train.py "
+                "sets it from the data's tokenizer)"
+            )
         self.config = config
         self.wte = nn.Embedding(config.padded_vocab, config.n_embd)  # rows past vocab_size: padding, kept at 0
         self.wpe = (
@@ -167,14 +172,16 @@ class GPT(nn.Module):
         With targets and `loss_chunk`, the head and the loss run fused, that many rows at a time
         (gptmini.loss), and no logits are returned (None). `last_only`: the logits of the last position only
         (B, 1, V), all that sampling needs: the head is skipped for the others (for GPT-2's vocabulary over a
-        quarter of a forward's matrix FLOPs)."""
+        quarter of a forward's matrix FLOPs). model.doc_mask: attention within each document (`documents`), but
+        with a kv_cache idx is one document (a prompt and what follows it: decoding stops at end-of-text)."""
         if last_only and targets is not None:
             raise ValueError("last_only=True computes no loss: pass targets=None")
-        x, rope = self.embed(idx, kv_cache, input_pos)  # (B, T, C)
+        docs = self.documents(idx) if self.config.doc_mask and kv_cache is None else None  # (B, T)
+        x, rope = self.embed(idx, kv_cache, input_pos, docs)  # (B, T, C)
         attentions = [] if return_weights else None
         for i, block in enumerate(self.blocks):
             layer_cache = kv_cache.layer(i) if kv_cache is not None else None
-            x, weights = block(x, kv_cache=layer_cache, return_weights=return_weights, rope=rope)
+            x, weights = block(x, kv_cache=layer_cache, return_weights=return_weights, rope=rope, docs=docs)
             if attentions is not None:
                 attentions.append(weights)
         if kv_cache is not None and not isinstance(kv_cache, StaticKVCache):
@@ -197,8 +204,20 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE)
         return GPTOutput(logits, loss, attentions)
 
-    def embed(self, idx: Tensor, kv_cache: KVCache | None, input_pos: Tensor | None) -> tuple[Tensor, Rope | None]:
-        """Token (+ learned position) embeddings (B, T, C) after dropout, and the RoPE tables for these positions."""
+    def documents(self, idx: Tensor) -> Tensor:
+        """Each position's document number (B, T), counted from 0 at the window's start.
+
+        The data writes end-of-text between documents. Here it opens the document it precedes, as a
+        prompt starting from end-of-text does in generation: a document's first token is predicted from
+        end-of-text alone, and the previous document's last token still predicts end-of-text in its own context.
+        """
+        return torch.cumsum(idx == self.config.eot_id, dim=1)  # (B, T)
+
+    def embed(
+        self, idx: Tensor, kv_cache: KVCache | None, input_pos: Tensor | None, docs: Tensor | None = None
+    ) -> tuple[Tensor, Rope | None]:
+        """Token (+ learned position) embeddings (B, T, C) after dropout, and the RoPE tables for these positions
+        ((B, 1, T, hd/2) per row with model.doc_rope_reset and `docs`: positions counted from each document's start)."""
         T = idx.size(1)
         if isinstance(kv_cache, StaticKVCache):
             kv_cache.input_pos = positions = input_pos  # (T,)
@@ -214,6 +233,19 @@ class GPT(nn.Module):
         rope = None
         if self.wpe is not None:
             x = x + self.wpe.weight[positions]  # (T, C) broadcast
+        elif docs is not None and self.config.doc_rope_reset:
+            offsets = document_offsets(docs)  # (B, T)
+            rope = (self.rope_cos[offsets][:, None], self.rope_sin[offsets][:, None])  # (B, 1, T, hd/2) x2
         else:
             rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, hd/2) x2
         return self.drop(x), rope
+
+
+def document_offsets(docs: Tensor) -> Tensor:
+    """Each position's distance from the first position of its document in the window, (B, T), for docs (B, T)
+    non-decreasing document numbers."""
+    pos = torch.arange(docs.size(1), device=docs.device).expand_as(docs)  # (B, T)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]  # (B, T): True where a document begins
+    first = torch.where(starts, pos, 0).cummax(dim=1).values  # (B, T): where the current document began
+    return pos - first

@@ -217,8 +217,8 @@ def load_pretrained(requested: ModelConfig, *, cache_dir: str | Path | None = No
     (`build_gpt(cfg, sd)` skips the random initialisation the weights replace).
 
     Sizes, vocabulary and MLP come from the weights; block_size (wpe cropped to it), dropout, vocab_multiple
-    (wte padded with zero rows) and the attention variant from `requested`, as does init_from (kept, so the
-    checkpoint records where training started). The weights' vocabulary must be GPT-2's, since the data's
+    (wte padded with zero rows), the attention variant and document masking from `requested`, as does init_from
+    (kept, so the checkpoint records where training started). The weights' vocabulary must be GPT-2's, since the data's
     tokenizer must be (`check_pretrained_tokenizer`)."""
     ref = requested.init_from
     if ref is None:
@@ -229,7 +229,8 @@ def load_pretrained(requested: ModelConfig, *, cache_dir: str | Path | None = No
     check_gpt2_vocabulary(folder, cfg, f"model.init_from={ref}")
     check_pretrained_compatible(requested, positions=cfg.block_size)
     cfg = dataclasses.replace(cfg, block_size=requested.block_size, dropout=requested.dropout, init_from=ref,
-                              vocab_multiple=requested.vocab_multiple)
+                              vocab_multiple=requested.vocab_multiple, doc_mask=requested.doc_mask,
+                              eot_id=requested.eot_id)
     sd["wpe.weight"] = sd["wpe.weight"][: requested.block_size].contiguous()
     padding = cfg.padded_vocab - cfg.vocab_size  # model.vocab_multiple: zero rows, as GPT's own init has them
     if padding:

@@ -245,7 +245,7 @@ def build_model(
 ) -> tuple[GPT, ModelConfig]:
     """The GPT to train and its config: random weights (seeded alike on every rank), GPT-2's weights with
     `model.init_from`, or, when resuming, a model the checkpoint's weights will fill."""
-    requested = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
+    requested = with_data_ids(cfg.model, data.tokenizer)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     if requested.init_from is None:
         return GPT(requested).to(device), requested
@@ -255,6 +255,18 @@ def build_model(
         return GPT(model_cfg).to(device), model_cfg
     model_cfg, state_dict = local_rank_zero_first(env, lambda _: load_pretrained(requested))  # one download
     return build_gpt(model_cfg, state_dict).to(device), model_cfg
+
+
+def with_data_ids(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """`model` with what the data decides: the vocabulary size and, with model.doc_mask, the end-of-text id that
+    separates its documents (null otherwise, so checkpoints without document masking record none)."""
+    eot = tokenizer.eot_id if model.doc_mask else None
+    if model.eot_id is not None and model.eot_id != eot:
+        raise ValueError(
+            f"model.eot_id={model.eot_id} is not the data's end-of-text id {eot}; leave model.eot_id unset: "
+            f"train.py takes it from the data's tokenizer"
+        )
+    return dataclasses.replace(model, vocab_size=tokenizer.vocab_size, eot_id=eot)
 
 
 SIZED_BY_THE_WEIGHTS = ("n_layer", "n_head", "n_embd", "vocab_size", "mlp", "bias", "pos_encoding")

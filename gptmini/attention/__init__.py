@@ -4,7 +4,7 @@ Every variant computes the same thing: causal self-attention over `n_head` heads
 weights (after the softmax), and an output projection. They differ only in how. All share
 
     Variant(config: ModelConfig, layer_index: int = 0)
-    forward(x, kv_cache=None, return_weights=False, rope=None) -> (y, weights | None)
+    forward(x, kv_cache=None, return_weights=False, rope=None, docs=None) -> (y, weights | None)
 
 and are found by name in `ATTENTION_REGISTRY` (see `build_attention`).
 
@@ -34,6 +34,7 @@ from gptmini.attention.core import (
     build_attention,
     causal_keep_mask,
     check_attention_config,
+    check_doc_mask,
     math_attention,
     merge_heads,
     normalize_heads,
@@ -90,6 +91,7 @@ __all__ = [
     "build_attention",
     "causal_keep_mask",
     "check_attention_config",
+    "check_doc_mask",
     "math_attention",
     "merge_heads",
     "normalize_heads",

@@ -15,7 +15,9 @@ from torch import Tensor
 from gptmini.attention.cache import LayerCache, LayerKVCache, StaticLayerKVCache
 from gptmini.config import VARIANT_DEFAULTS, AttentionConfig, ModelConfig
 
-Rope = tuple[Tensor, Tensor]  # (cos, sin), each (T, head_dim // 2), for the positions of the current input
+# (cos, sin), each (T, head_dim // 2), for the positions of the current input; (B, 1, T, head_dim // 2) with
+# model.doc_rope_reset (each row's positions restart at its documents), so they broadcast over (B, H, T, hd) only.
+Rope = tuple[Tensor, Tensor]
 
 # The AttentionConfig fields only some variants read; a variant lists the ones it reads in `Attention.reads`. A key
 # counts as set when it is neither null nor false.
@@ -67,9 +69,9 @@ def math_attention(
 ) -> tuple[Tensor, Tensor]:
     """Explicit softmax(QKᵀ/√d)V that also returns the weights; used whenever weights are asked for.
 
-    q (B, H, Tq, hd); k, v (B, H, Tk, hd) with as many heads as q; keep (Tq, Tk) bool. `sinks` (H,): a learned
-    logit per head that joins every softmax denominator without a value (gpt-oss), so each row of the weights
-    returned sums to one minus the sink's share.
+    q (B, H, Tq, hd); k, v (B, H, Tk, hd) with as many heads as q; keep (Tq, Tk) bool, or (B, 1, Tq, Tk) per
+    document (model.doc_mask). `sinks` (H,): a learned logit per head that joins every softmax denominator without
+    a value (gpt-oss), so each row of the weights returned sums to one minus the sink's share.
     """
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     scores = scores.masked_fill(~keep, float("-inf"))
@@ -158,11 +160,24 @@ def check_attention_config(attention: AttentionConfig, complete: bool = True) ->
             )
 
 
+def check_doc_mask(config: ModelConfig) -> None:
+    """Refuse, in one line, model.doc_mask=true with a variant that does not honour `docs` (its `doc_mask` flag):
+    it would attend across documents while the config says it does not."""
+    if not config.doc_mask or attention_class(config.attention.name).doc_mask:
+        return
+    able = sorted(name for name, cls in ATTENTION_REGISTRY.items() if cls.doc_mask)
+    raise ValueError(
+        f"model.doc_mask=true is not supported by attention variant {config.attention.name!r} (it cannot keep "
+        f"attention inside each document); use model.doc_mask=false or one of: {', '.join(able)}"
+    )
+
+
 def build_attention(config: ModelConfig, layer_index: int = 0) -> Attention:
     """The attention module named by `config.attention.name` for layer `layer_index` (0-based), refusing (the same
     one line as where a config enters) settings the variant would ignore or lacks: a model built in Python is
     checked like one built by a command."""
     check_attention_config(config.attention, complete=True)
+    check_doc_mask(config)
     return attention_class(config.attention.name)(config, layer_index)
 
 
@@ -330,11 +345,12 @@ class PackedQKVBase(Attention):
             k, v = kv_cache.update(k, v)
         return q, k, v
 
-    def weights_path(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def weights_path(self, q: Tensor, k: Tensor, v: Tensor, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The explicit math path, used when the caller wants the attention weights."""
         groups = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
-        return math_attention(q, k, v, self.keep_mask(q.size(2), k.size(2), q.device), self.attn_dropout)
+        keep = self.keep_mask(q.size(2), k.size(2), q.device, docs)  # (Tq, Tk), or (B, 1, Tq, Tk) with docs
+        return math_attention(q, k, v, keep, self.attn_dropout)
 
 
 class SeparateQKVBase(Attention):

@@ -38,6 +38,7 @@ class FlexAttention(PackedQKVBase):
     """
 
     trains_on_cpu = has_dropout = False  # torch 2.13: no CPU backward, no dropout inside the kernel
+    doc_mask = True  # a block mask built from the document numbers (model.doc_mask)
     compiled_backend = "flex"  # compiled on GPUs: the profiler sees Inductor's kernels, not FlexAttention's op
 
     def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
@@ -65,9 +66,11 @@ class FlexAttention(PackedQKVBase):
                 f"a wider model, or another variant such as model/attention=sdpa"
             )
 
-    def block_mask(self, q_len: int, k_len: int, device: torch.device) -> Any:
+    def block_mask(self, q_len: int, k_len: int, device: torch.device, docs: Tensor | None = None) -> Any:
         from torch.nn.attention.flex_attention import create_block_mask
 
+        if docs is not None:
+            return document_block_mask(docs)
         if q_len == 1:
             return None  # a single new token may see every cached position
         key = (q_len, k_len, str(device))
@@ -87,10 +90,33 @@ class FlexAttention(PackedQKVBase):
             self.check_device(self.config, x.device, training=True)
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H, Tk, hd) x2
         if return_weights:
-            y, weights = self.weights_path(q, k, v)
+            y, weights = self.weights_path(q, k, v, docs)
             return self.out_proj(merge_heads(y)), weights
-        y = _flex_kernel(x.device.type)(q, k, v, block_mask=self.block_mask(q.size(2), k.size(2), x.device))
+        mask = self.block_mask(q.size(2), k.size(2), x.device, docs)
+        y = _flex_kernel(x.device.type)(q, k, v, block_mask=mask)  # (B, H, T, hd)
         return self.out_proj(merge_heads(y)), None
+
+
+# The last document block mask built, with the docs (B, T) it was built from: every layer of one forward gets the
+# same docs tensor, so the mask is built once per forward, not once per layer.
+_LAST_DOC_MASK: list[tuple[Tensor, Any]] = []
+
+
+def document_block_mask(docs: Tensor) -> Any:
+    """The block mask of causal attention within each document, for docs (B, T) document numbers (no cache:
+    queries and keys are the same T positions). Blocks wholly across documents are skipped by the kernel."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if _LAST_DOC_MASK and _LAST_DOC_MASK[0][0] is docs:
+        return _LAST_DOC_MASK[0][1]
+    B, T = docs.shape
+
+    def causal_in_document(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+
+    mask = create_block_mask(causal_in_document, B, None, T, T, device=docs.device)
+    _LAST_DOC_MASK[:] = [(docs, mask)]
+    return mask
 
 
 @functools.cache

@@ -28,6 +28,8 @@ class MultiHeadAttention(SeparateQKVBase):
     """The textbook split-head module, written out step by step. This is the reference every variant is
     tested against."""
 
+    doc_mask = True
+
     def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
         super().__init__(config, layer_index)
         # True above the diagonal: the future positions each query must not see. Not persistent: never saved.
@@ -45,7 +47,11 @@ class MultiHeadAttention(SeparateQKVBase):
             start = kv_cache.pos
             k, v = kv_cache.update(k, v)  # (B, H, start+T, hd)
         scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, H, T, start+T)
-        scores = scores.masked_fill(self.mask[start : start + T, : start + T], float("-inf"))
+        if docs is None:
+            masked = self.mask[start : start + T, : start + T]  # (T, start+T)
+        else:  # model.doc_mask: also every key of another document
+            masked = ~self.keep_mask(T, start + T, x.device, docs)  # (B, 1, T, start+T)
+        scores = scores.masked_fill(masked, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         weights = self.attn_dropout(weights)
         y = weights @ v  # (B, H, T, hd)
@@ -76,6 +82,7 @@ class WrapperAttention(Attention):
 
     # Each head's projections, in the order the canonical `qkv` stacks them.
     _LAYERS = ("query", "key", "value")
+    doc_mask = True
 
     def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
         super().__init__(config, layer_index)
@@ -85,15 +92,16 @@ class WrapperAttention(Attention):
         )
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
-        qs = [self.position_qk(h.query(x), rope) for h in self.heads]  # n_head x (B, T, hd)
-        k = torch.stack([self.position_qk(h.key(x), rope) for h in self.heads], dim=1)  # (B, H, T, hd)
+        # Heads stacked before RoPE, so per-row tables (model.doc_rope_reset: (B, 1, T, hd/2)) broadcast.
+        q = self.position_qk(torch.stack([h.query(x) for h in self.heads], dim=1), rope)  # (B, H, T, hd)
+        k = self.position_qk(torch.stack([h.key(x) for h in self.heads], dim=1), rope)  # (B, H, T, hd)
         v = torch.stack([h.value(x) for h in self.heads], dim=1)  # (B, H, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, H, Tk, hd)
-        keep = self.keep_mask(x.size(1), k.size(2), x.device)
-        outs = [
-            head(q, k[:, i], v[:, i], keep) for i, (head, q) in enumerate(zip(self.heads, qs, strict=True))
-        ]
+        keep = self.keep_mask(x.size(1), k.size(2), x.device, docs)  # (T, Tk), or (B, 1, T, Tk) with docs
+        if docs is not None:
+            keep = keep[:, 0]  # (B, T, Tk): each head's scores are (B, T, Tk)
+        outs = [head(q[:, i], k[:, i], v[:, i], keep) for i, head in enumerate(self.heads)]
         y = torch.cat([o for o, _ in outs], dim=-1)  # (B, T, C)
         weights = torch.stack([w for _, w in outs], dim=1) if return_weights else None
         return self.out_proj(y), weights
@@ -123,10 +131,12 @@ class WrapperAttention(Attention):
 class FusedQKV(PackedQKVBase):
     """The `fused_qkv` variant: as `mha`, with one (C, 3C) projection instead of three."""
 
+    doc_mask = True
+
     def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H, Tk, hd) x2
         y, weights = math_attention(
-            q, k, v, self.keep_mask(q.size(2), k.size(2), x.device), self.attn_dropout
+            q, k, v, self.keep_mask(q.size(2), k.size(2), x.device, docs), self.attn_dropout
         )
         return self.out_proj(merge_heads(y)), (weights if return_weights else None)
 
@@ -134,6 +144,8 @@ class FusedQKV(PackedQKVBase):
 @register_attention("einsum")
 class EinsumAttention(SeparateQKVBase):
     """As `mha`, with every contraction (projections included) written as `torch.einsum`."""
+
+    doc_mask = True
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         B, T, C = x.shape
@@ -148,7 +160,7 @@ class EinsumAttention(SeparateQKVBase):
         q, k = self.position_qk(q, rope), self.position_qk(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        keep = self.keep_mask(T, k.size(2), x.device)
+        keep = self.keep_mask(T, k.size(2), x.device, docs)  # (T, Tk), or (B, 1, T, Tk) with docs
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(hd)  # (B, H, T, Tk)
         weights = self.attn_dropout(torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1))
         y = torch.einsum("bhqk,bhkd->bqhd", weights, v).reshape(B, T, C)  # (B, T, C)
@@ -164,16 +176,19 @@ class SDPAttention(PackedQKVBase):
     The default. Also the base of `gqa` and `swa`, which only change the key/value heads or the mask."""
 
     static_cache = True  # decodes with a StaticKVCache (the compiled, CUDA-graph-friendly decode path)
+    doc_mask = True  # an explicit boolean mask then; the is_causal fast path stays for one document
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H_kv, Tk, hd) x2
         if return_weights:
-            y, weights = self.weights_path(q, k, v)
+            y, weights = self.weights_path(q, k, v, docs)
             return self.out_proj(merge_heads(y)), weights
         T, Tk = q.size(2), k.size(2)
         dropout_p = self.attn_dropout.p if self.training else 0.0
         if isinstance(kv_cache, StaticLayerKVCache):
             mask, causal = kv_cache.keep_mask(self.window), False  # (T, max_len): the filled positions only
+        elif docs is not None:
+            mask, causal = self.keep_mask(T, Tk, x.device, docs), False  # (B, 1, T, Tk): within each document
         elif T == Tk and self.window is None:
             mask, causal = None, True  # the fast path: no mask tensor at all
         elif T == 1 and self.window is None:
@@ -242,6 +257,7 @@ class TorchMultiheadAttention(Attention):
     """
 
     applies_rope = applies_qk_norm = False  # ... and queries and keys, so nothing can touch them in between
+    doc_mask = True  # through attn_mask, one (T, Tk) mask per batch row and head
 
     # canonical name -> nn.MultiheadAttention's name
     _NAMES = (
@@ -279,7 +295,9 @@ class TorchMultiheadAttention(Attention):
             context, _ = kv_cache.update(x.unsqueeze(1), x.unsqueeze(1))  # (B, 1, Tk, C)
             context = context.squeeze(1)  # (B, Tk, C)
         Tk = context.size(1)
-        block = ~self.keep_mask(T, Tk, x.device)  # True = may not attend
+        block = ~self.keep_mask(T, Tk, x.device, docs)  # True = may not attend: (T, Tk), or (B, 1, T, Tk)
+        if docs is not None:  # nn.MultiheadAttention takes (B * n_head, T, Tk), batch-major
+            block = block.expand(-1, self.n_head, -1, -1).reshape(-1, T, Tk)  # (B*H, T, Tk)
         y, weights = self.mha(
             x,
             context,
@@ -287,7 +305,7 @@ class TorchMultiheadAttention(Attention):
             attn_mask=block,
             need_weights=return_weights,
             average_attn_weights=False,
-            is_causal=(T == Tk and not return_weights),
+            is_causal=(T == Tk and not return_weights and docs is None),
         )
         return y, weights
 

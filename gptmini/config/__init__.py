@@ -76,6 +76,12 @@ class ModelConfig:
     mlp: str = "gelu"  # gelu (exact) | gelu_tanh (the tanh approximation GPT-2 was trained with) | relu2: relu(x)^2
     zero_init_proj: bool = False  # attention and MLP output projections start at zero (each block starts as identity)
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap), so |logits| < cap
+    # Document masking: in training and evaluation a token attends only to earlier tokens of its own document. A
+    # document starts at each end-of-text id the data writes between documents (eot_id: train.py fills it from the
+    # data's tokenizer; null without doc_mask). doc_rope_reset (pos_encoding=rope): positions restart at each one.
+    doc_mask: bool = False
+    doc_rope_reset: bool = False
+    eot_id: int | None = None
     # Start from pretrained GPT-2 weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local Hugging Face folder
     # (a path: it contains a "/"). The sizes then come from the weights; see gptmini.pretrained.
     init_from: str | None = None
@@ -136,6 +142,22 @@ class ModelConfig:
             raise ValueError(f"model.logit_softcap={self.logit_softcap} must be a positive number or null (off)")
         if self.init_from is not None:
             check_init_from(self.init_from)
+        self.check_documents()
+
+    def check_documents(self) -> None:
+        """model.doc_mask and what only it gives meaning to: the end-of-text id, positions restarted per document."""
+        for key in ("doc_mask", "doc_rope_reset"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"model.{key}={getattr(self, key)!r} must be true or false")
+        check_int("model.eot_id", self.eot_id, 0, self.vocab_size - 1, none_ok=True, note=" (set from the data)")
+        if self.eot_id is not None and not self.doc_mask:
+            raise ValueError(f"model.eot_id={self.eot_id} is read only with model.doc_mask=true; remove it")
+        if self.doc_rope_reset and not (self.doc_mask and self.pos_encoding == "rope"):
+            raise ValueError(
+                "model.doc_rope_reset=true restarts rotary positions at each document: it needs model.doc_mask=true "
+                f"and model.pos_encoding=rope (got doc_mask={str(self.doc_mask).lower()}, "
+                f"pos_encoding={self.pos_encoding})"
+            )
 
 
 @dataclass
