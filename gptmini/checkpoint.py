@@ -162,11 +162,24 @@ def upgrade_saved_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "optim": optim}
 
 
+def with_later_fields(model: dict[str, Any]) -> dict[str, Any]:
+    """A saved model config with the fields added to ModelConfig/AttentionConfig after it was written filled in with
+    their defaults (each new field defaults to what the code did before it existed), so that an older checkpoint
+    resumes instead of differing in settings it never had. A copy."""
+    filled = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name not in model
+              and f.default is not dataclasses.MISSING}
+    attention = model.get("attention")
+    if isinstance(attention, dict):
+        defaults = {f.name: f.default for f in dataclasses.fields(AttentionConfig)}
+        filled["attention"] = {**{k: v for k, v in defaults.items() if k not in attention}, **attention}
+    return {**model, **filled}
+
+
 def check_compatible(saved: dict[str, Any], model_cfg: ModelConfig, tokenizer_spec: dict[str, Any],
                      optim_cfg: OptimConfig | None = None) -> None:
     """Refuse to resume a checkpoint whose model, tokenizer or optimizer layout differs, naming the fields."""
     ours = dataclasses.asdict(model_cfg)
-    theirs = saved["config"]["model"]
+    theirs = with_later_fields(saved["config"]["model"])
     diffs = [
         f"model.{k}: checkpoint {theirs.get(k)!r} vs now {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]
     ]

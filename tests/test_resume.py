@@ -123,3 +123,22 @@ def test_a_damaged_checkpoint_is_one_line_on_resume(four_steps, damage, message)
     cfg = make_config(four_steps["corpus"], four_steps["data"], *TINY, "train.max_iters=6")
     with pytest.raises(CheckpointError, match=rf"last.pt' cannot be resumed: {message}"):
         train(cfg, four_steps["run"])
+
+
+def test_a_checkpoint_written_before_later_fields_existed_still_resumes():
+    """Fields added to ModelConfig/AttentionConfig later (doc_mask, gate, sinks, ...) are missing from older
+    checkpoints' saved configs; they mean the defaults, so the resume check must not call them differences."""
+    import dataclasses
+
+    from gptmini.checkpoint import CheckpointError, check_compatible
+    from gptmini.config import ModelConfig
+
+    model = ModelConfig(vocab_size=65)
+    old = dataclasses.asdict(model)
+    del old["doc_mask"], old["attention"]["gate"], old["attention"]["sinks"]
+    saved = {"config": {"model": old}, "tokenizer": {"kind": "char"}}
+    check_compatible(saved, model, {"kind": "char"})
+    with pytest.raises(CheckpointError, match="model.n_layer"):
+        check_compatible(saved, ModelConfig(vocab_size=65, n_layer=2), {"kind": "char"})
+    with pytest.raises(CheckpointError, match="model.doc_mask"):  # a new field set differently does differ
+        check_compatible(saved, ModelConfig(vocab_size=65, doc_mask=True), {"kind": "char"})
