@@ -151,6 +151,7 @@ def test_tokenizer_files_are_openais_originals(tiktoken_cache):
     (dict(logit_softcap=15.0), None, r"model.logit_softcap=15.0"),
     (dict(attention=AttentionConfig("gqa", n_kv_head=2)), None, r"model.attention.name=gqa"),
     (dict(attention=AttentionConfig("swa", window=8)), None, r"model.attention.name=swa"),
+    (dict(attention=AttentionConfig("diff")), None, r"model.attention.name=diff"),
     ({}, {"kind": "char", "chars": "ab"}, r"over the char tokenizer"),
     ({}, {"kind": "bytes"}, r"over the bytes tokenizer"),
     ({}, {"kind": "tiktoken", "encoding": "cl100k_base"}, r"over the tiktoken cl100k_base tokenizer"),

@@ -243,8 +243,10 @@ def test_incompatible_variant_is_refused(run_dir, tmp_path):
 def test_kv_cache_on_and_off_same_text_within_and_past_block_size(run_dir, tmp_path, variant):
     if variant in weight_compatible_variants():  # the trained weights, run by this variant
         ckpt, overrides = run_dir, [f"model/attention={variant}"]
-    else:  # gqa and swa have their own weights: a random model in the trainer's layout
-        attn = AttentionConfig(variant, n_kv_head=1) if variant == "gqa" else AttentionConfig(variant, window=5)
+    else:  # gqa, swa, diff have their own weights: a random model in the trainer's layout
+        reads = ATTENTION_REGISTRY[variant].reads
+        attn = AttentionConfig(variant, n_kv_head=1 if "n_kv_head" in reads else None,
+                               window=5 if "window" in reads else None)
         ckpt, overrides = random_checkpoint(run_dir, tmp_path / "ckpt.pt", attn), []
     n = 3 * BLOCK  # 10 prompt tokens + 48 new ones: the window slides 42 times
     on, _ = generate_text(ckpt, *overrides, prompt=PROMPT, temperature=0.0, max_new_tokens=n, kv_cache=True)

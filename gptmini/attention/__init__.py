@@ -18,7 +18,7 @@ State dicts are portable. Every variant saves its parameters in one canonical la
 state-dict hooks. So a model trained with `sdpa` loads into `mha` to look at its attention weights.
 
 Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (the per-layer KV caches), `variants`
-(every variant but flex) and `flex`.
+(every variant but flex and diff), `flex` and `diff` (differential attention).
 """
 
 from gptmini.attention.cache import KVCache, LayerCache, LayerKVCache, StaticKVCache, StaticLayerKVCache
@@ -56,10 +56,14 @@ from gptmini.attention.variants import (  # imported (and so registered) first: 
 # isort: split
 from gptmini.attention.flex import FlexAttention
 
+# isort: split
+from gptmini.attention.diff import DifferentialAttention
+
 __all__ = [
     "ATTENTION_REGISTRY",
     "Attention",
     "CausalHead",
+    "DifferentialAttention",
     "EinsumAttention",
     "FlexAttention",
     "FusedQKV",
