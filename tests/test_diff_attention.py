@@ -53,6 +53,8 @@ def make(layer: int = 0, **overrides) -> nn.Module:
         module.head_norm.weight.uniform_(0.5, 1.5)
         if module.sinks is not None:
             module.sinks.copy_(torch.linspace(-1.0, 2.0, N_HEAD))  # a different sink for each of the 4 maps
+        if module.qk_gain is not None:
+            module.qk_gain.uniform_(0.5, 3.0)
     return module
 
 
@@ -92,9 +94,17 @@ def one_map(Q, K, b, keep, sink, mask):
     return torch.stack(rows)
 
 
-def reference(p: dict[str, torch.Tensor], x: torch.Tensor, layer: int, rope=None, docs=None, masks=None):
+def normalise(x: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    """QK-norm of (T, hd): x / rms(x), times the learned gain when there is one."""
+    x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+    return x if gain is None else x * gain
+
+
+def reference(p: dict[str, torch.Tensor], x: torch.Tensor, layer: int, rope=None, docs=None, masks=None,
+              qk_norm: bool = False):
     """The paper's equations on the parameters `p` (canonical names): (out (B, T, C), maps (B, H/2, T, T)).
-    `masks` (B, H, T, T): what dropout keeps of each softmax map, already divided by (1 - p)."""
+    `masks` (B, H, T, T): what dropout keeps of each softmax map, already divided by (1 - p). `qk_norm`: each
+    query and key normalised (model.qk_norm, with p["qk_gain"] when model.qk_norm_gain) before RoPE."""
     B, T, _ = x.shape
     q, k, v = (x @ p["qkv.weight"].T + p["qkv.bias"]).split(C, dim=-1)  # (B, T, C) each
     lam_init = 0.8 - 0.6 * math.exp(-0.3 * ((layer + 1) - 1))  # layer l = layer + 1, 1-based
@@ -107,7 +117,10 @@ def reference(p: dict[str, torch.Tensor], x: torch.Tensor, layer: int, rope=None
             maps = []
             for j in (0, 1):  # query/key head 2i + j is map j of differential head i
                 h = 2 * i + j
-                Q, K = (rotate(t[b, :, h * HD : (h + 1) * HD], rope) for t in (q, k))
+                Q, K = (t[b, :, h * HD : (h + 1) * HD] for t in (q, k))
+                if qk_norm:
+                    Q, K = normalise(Q, p.get("qk_gain")), normalise(K, p.get("qk_gain"))
+                Q, K = rotate(Q, rope), rotate(K, rope)
                 sink = p["sinks"][h] if "sinks" in p else None
                 maps.append(one_map(Q, K, b, keep, sink, masks[b, h] if masks is not None else None))
             W = maps[0] - lam * maps[1]  # (T, T)
@@ -127,8 +140,8 @@ def params(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in module.state_dict().items()}
 
 
-CASES = [dict(), dict(pos="rope"), dict(sinks=True), dict(gate=True), dict(layer=3, sinks=True, gate=True,
-                                                                          pos="rope")]
+CASES = [dict(), dict(pos="rope"), dict(sinks=True), dict(gate=True), dict(qk_norm=True, qk_norm_gain=True, pos="rope"),
+         dict(layer=3, sinks=True, gate=True, pos="rope", qk_norm=True)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "plain")
@@ -141,7 +154,7 @@ def test_outputs_and_weights_match_the_paper(case):
     with torch.no_grad():
         y, w = module(x, return_weights=True, rope=rope)
         y_fused, none = module(x, rope=rope)  # SDPA (no sinks) or the same explicit path
-    y_ref, w_ref = reference(params(module), x, layer, rope)
+    y_ref, w_ref = reference(params(module), x, layer, rope, qk_norm=case.get("qk_norm", False))
     assert none is None and w.shape == (2, N_HEAD // 2, 7, 7)
     torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=0)

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every variant that can take QK-norm (its applies_qk_norm flag; torch_mha projects Q and K inside
 # nn.MultiheadAttention).
 QK_NORM_VARIANTS = sorted(n for n, cls in ATTENTION_REGISTRY.items() if cls.applies_qk_norm)
+# ... compared with mha: those whose weights are one softmax per head (diff's QK-norm: tests/test_diff_attention.py).
+QK_NORM_VS_MHA = [n for n in QK_NORM_VARIANTS if ATTENTION_REGISTRY[n].weights_are_probabilities]
 
 
 cfg = tiny_config  # cfg(name, **overrides): the shared tiny model config (tests/model_helpers.py)
@@ -107,7 +109,7 @@ def repeat_kv(sd: dict[str, torch.Tensor], n_head: int, n_kv_head: int) -> dict[
     return out
 
 
-@pytest.mark.parametrize("name", QK_NORM_VARIANTS)
+@pytest.mark.parametrize("name", QK_NORM_VS_MHA)
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_qk_norm_in_every_variant_matches_mha(name, pos):
     """Same canonical weights, same outputs: QK-norm adds no parameters, so state dicts stay portable."""
@@ -133,7 +135,7 @@ def test_qk_norm_in_every_variant_matches_mha(name, pos):
         torch.testing.assert_close(want_y, qk_norm_reference(ref, x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", QK_NORM_VARIANTS)
+@pytest.mark.parametrize("name", QK_NORM_VS_MHA)
 def test_qk_norm_gain_scales_every_variants_normalised_queries_and_keys(name):
     """With gain g, q and k become g * q/rms(q), g * k/rms(k): the reference with the gain written out, g random."""
     torch.manual_seed(0)
