@@ -132,10 +132,10 @@ def save_prompt_attention(
     `absolute` (gptmini.heatmap.scaled).
     """
     layers = select(model.config.n_layer, layers, "layers")
-    heads = select(model.config.n_head, heads, "heads")
     idx = idx[:1, -model.config.block_size :]  # (1, T)
     out = model(idx, return_weights=True)
     weights = [w[0].float().cpu() for w in out.attentions]  # per layer (H, T, T)
+    heads = select(weights[0].size(0), heads, "heads")  # the maps returned: n_head/2 for differential attention
     labels = token_labels(tokenizer, idx[0].tolist())
     grid = render_grid(weights, labels, layers, heads, scale) if png_path or tb_dir else None
     if png_path:

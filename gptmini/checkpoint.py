@@ -285,7 +285,12 @@ def load_for_inference(
 
 
 # How a setting that the weights fix is named in the message refusing another value.
-_FIXED_BY_WEIGHTS = {"n_kv_head": "key/value heads are"}
+_FIXED_BY_WEIGHTS = {"n_kv_head": "key/value heads are", "gate": "the output gate is", "sinks": "the sink logits are"}
+
+
+def _shown(value: object) -> str:
+    """A setting as the user types it (booleans as true/false)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> AttentionConfig:
@@ -303,8 +308,8 @@ def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> Attenti
         for key in cls.fixed_by_weights:
             if getattr(wanted, key) != getattr(trained, key):
                 raise CheckpointError(
-                    f"model.attention.{key}={getattr(wanted, key)} does not match the checkpoint's "
-                    f"{key}={getattr(trained, key)}; {_FIXED_BY_WEIGHTS.get(key, key)} fixed by the weights"
+                    f"model.attention.{key}={_shown(getattr(wanted, key))} does not match the checkpoint's "
+                    f"{key}={_shown(getattr(trained, key))}; {_FIXED_BY_WEIGHTS.get(key, key)} fixed by the weights"
                 )
         return wanted
     compatible = weight_compatible_variants()

@@ -11,16 +11,17 @@ line before anything is written.
 
 from __future__ import annotations
 
-from gptmini.attention import check_attention_config, check_doc_mask
+from gptmini.attention import attention_class, check_attention_config, check_doc_mask
 from gptmini.config import GenerateConfig, ModelConfig, RunConfig
 from gptmini.optim import check_optimizer_config
 from gptmini.pretrained import check_pretrained_compatible
 
 
 def check_model_config(model: ModelConfig) -> None:
-    """The attention variant and its settings (complete: about to build a model), whether it can mask by document
-    (model.doc_mask), then the pretrained weights."""
+    """The attention variant, its settings (complete: about to build a model), the sizes it can take and whether it
+    can mask by document (model.doc_mask), then the pretrained weights."""
     check_attention_config(model.attention, complete=True)
+    attention_class(model.attention.name).check_sizes(model)
     check_doc_mask(model)
     check_pretrained_compatible(model)
 

@@ -49,7 +49,8 @@ DEFAULT_INDUCTION_BATCH = 4
 
 @dataclass
 class HeadReport:
-    """Scores per metric, each (n_layer, n_head); `notes` explain layers whose weights are not probabilities."""
+    """Scores per metric, each (n_layer, heads returned: n_head, or n_head/2 for diff); `notes` explain layers
+    whose weights are not probabilities."""
 
     scores: dict[str, Tensor]
     notes: list[str] = field(default_factory=list)
@@ -90,10 +91,11 @@ def learned_sink_share(attn: nn.Module, w: Tensor, keep: Tensor) -> Tensor | Non
 
     The one place to extend for `model.attention.sinks`: it activates when the attention module exposes a
     `sinks` attribute (per-head sink logits, as in gpt-oss) and assumes the convention that the returned weights
-    leave the sink out, so each row's shortfall from 1 is what the sink took.
+    leave the sink out, so each row's shortfall from 1 is what the sink took. A variant whose weights are not one
+    softmax per head (`weights_are_probabilities` False) has no such reading: None.
     """
-    if getattr(attn, "sinks", None) is None:
-        return None
+    if getattr(attn, "sinks", None) is None or not getattr(attn, "weights_are_probabilities", True):
+        return None  # no sinks, or weights that combine maps (diff's A1 - λA2): no row shortfall to read
     rows = torch.arange(1, w.size(-1))
     share = 1 - w.float().masked_fill(~keep, 0.0).sum(-1)  # (B, H, T)
     return share[..., rows].mean((0, 2))

@@ -35,7 +35,10 @@ from model_helpers import tiny_config  # noqa: E402
 ALL = sorted(ATTENTION_REGISTRY)
 # Variants are chosen by their capability flags, never by name, so a new variant joins every test that applies.
 # flex has no backward on CPU in torch 2.13 (trains_on_cpu=False): its gradients are compared on a GPU (test_gpu.py).
-GRAD_ON_CPU = [n for n in ALL if ATTENTION_REGISTRY[n].trains_on_cpu]
+# Variants whose returned weights combine softmax maps (diff: A1 - λ·A2 over n_head/2 heads) compute something else
+# than mha with the same weights: tests/test_diff_attention.py pins them against their own reference.
+SOFTMAX = [n for n in ALL if ATTENTION_REGISTRY[n].weights_are_probabilities]
+GRAD_ON_CPU = [n for n in SOFTMAX if ATTENTION_REGISTRY[n].trains_on_cpu]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -186,8 +189,9 @@ def test_causal_mha_on_seed_tokens_with_identity_projections():
 # Windowed variants (swa) are pinned by the loop reference below; a variant that cannot apply RoPE (torch_mha)
 # refuses it by design (test_torch_mha_refuses_rope).
 # A variant with another kernel than softmax (softmax=False: linear) has its own reference (test_linear_attention.py).
+# A variant whose weights combine maps (weights_are_probabilities=False: diff): tests/test_diff_attention.py.
 # A variant with parameters of its own (canonical_layout=False: mla) is pinned by its own tests (tests/test_mla.py).
-VS_MHA = [(n, pos) for n in ALL for pos in ("learned", "rope")
+VS_MHA = [(n, pos) for n in SOFTMAX for pos in ("learned", "rope")
           if "window" not in ATTENTION_REGISTRY[n].reads and (pos == "learned" or ATTENTION_REGISTRY[n].applies_rope)
           and ATTENTION_REGISTRY[n].canonical_layout and ATTENTION_REGISTRY[n].softmax]
 
@@ -294,7 +298,7 @@ def test_causality(name):
     assert not torch.allclose(y[:, 6:], y2[:, 6:], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if ATTENTION_REGISTRY[n].has_dropout])
+@pytest.mark.parametrize("name", [n for n in SOFTMAX if ATTENTION_REGISTRY[n].has_dropout])
 def test_attention_dropout(name):
     p = 0.5
     module = make(name, dropout=p)
@@ -445,7 +449,7 @@ def test_base_classes_are_not_variants():
     assert ATTENTION_REGISTRY["fused_qkv"] is FusedQKV and issubclass(FusedQKV, PackedQKVBase)
     assert not {PackedQKVBase, SeparateQKVBase} & set(ATTENTION_REGISTRY.values())
     assert {n for n, cls in ATTENTION_REGISTRY.items() if issubclass(cls, PackedQKVBase)} == {
-        "fused_qkv", "sdpa", "gqa", "swa", "flex", "linear"}
+        "fused_qkv", "sdpa", "gqa", "swa", "flex", "linear", "diff"}
     assert {n for n, cls in ATTENTION_REGISTRY.items() if issubclass(cls, SeparateQKVBase)} == {"mha", "einsum"}
     assert WrapperAttention._LAYERS == ("query", "key", "value")  # in the order the canonical qkv stacks them
 

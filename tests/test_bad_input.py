@@ -101,6 +101,7 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "n_kv_head=3"),
         ("train: unknown attention variant", trainer("model/attention=bogus"), "bogus"),
         ("train: flex training on CPU", trainer("model/attention=flex", "model.dropout=0"), "flex"),
+        ("train: diff with an odd n_head", trainer("model/attention=diff", "model.n_head=1"), "model.n_head=1"),
         ("train: unknown device", trainer("train.device=tpu"), "tpu"),
         ("train: unknown tokenizer", trainer("data.tokenizer=wordpiece"), "wordpiece"),
         ("train: missing data", trainer(data=str(root / "missing.txt")), "missing.txt"),

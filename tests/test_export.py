@@ -153,6 +153,7 @@ def test_tokenizer_files_are_openais_originals(tiktoken_cache):
     (dict(attention=AttentionConfig("swa", window=8)), None, r"model.attention.name=swa"),
     (dict(attention=AttentionConfig("mla", kv_rank=8)), None, r"model.attention.name=mla as a Hugging Face GPT-2"),
     (dict(attention=AttentionConfig("linear")), None, r"model.attention.name=linear .*full multi-head attention"),
+    (dict(attention=AttentionConfig("diff")), None, r"model.attention.name=diff"),
     ({}, {"kind": "char", "chars": "ab"}, r"over the char tokenizer"),
     ({}, {"kind": "bytes"}, r"over the bytes tokenizer"),
     ({}, {"kind": "tiktoken", "encoding": "cl100k_base"}, r"over the tiktoken cl100k_base tokenizer"),

@@ -243,7 +243,7 @@ def test_incompatible_variant_is_refused(run_dir, tmp_path):
 def test_kv_cache_on_and_off_same_text_within_and_past_block_size(run_dir, tmp_path, variant):
     if variant in weight_compatible_variants():  # the trained weights, run by this variant
         ckpt, overrides = run_dir, [f"model/attention={variant}"]
-    else:  # gqa, swa, mla and linear have their own weights: a random model in the trainer's layout
+    else:  # gqa, swa, mla, linear and diff have their own weights: a random model in the trainer's layout
         reads = ATTENTION_REGISTRY[variant].reads
         attn = AttentionConfig(variant, n_kv_head=1 if "n_kv_head" in reads else None,
                                window=5 if "window" in reads else None)

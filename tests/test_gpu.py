@@ -60,7 +60,7 @@ def test_every_full_attention_variant_in_bf16_matches_mha_in_fp32(name):
 
 @pytest.mark.parametrize("name", [n for n, cls in ATTENTION_REGISTRY.items() if not cls.weight_compatible])
 def test_variants_of_their_own_run_forward_and_backward_in_bf16(name):
-    """gqa, swa, mla, linear: no mha reference for their weights; finite outputs and gradients under bf16 autocast."""
+    """gqa, swa, mla, linear, diff: no mha reference for their weights; finite outputs and gradients in bf16."""
     module = build_attention(tiny_config(name, window=16, **GPU_SHAPE)).to(CUDA).train()
     x = torch.randn(2, 128, 256, device=CUDA, requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -42,6 +42,8 @@ def test_parameter_count_is_formula(name):
     C, L, V, T = 32, 2, 41, 24
     kv = 2 * 8 if name == "gqa" else C  # gqa: 2 key/value heads of size 8
     attn = C * (C + 2 * kv) + (C + 2 * kv) + C * C + C
+    if name == "diff":  # mha's projections, plus four λ vectors of head_dim and the head norm's gain of 2*head_dim
+        attn += 4 * 8 + 2 * 8
     mlp = C * 4 * C + 4 * C + 4 * C * C + C
     block = attn + mlp + 4 * C  # two LayerNorms with bias
     assert build(cfg).num_parameters() == V * C + T * C + L * block + 2 * C

@@ -39,8 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Every variant that can take QK-norm (its applies_qk_norm flag; torch_mha projects Q and K inside
 # nn.MultiheadAttention).
 QK_NORM_VARIANTS = sorted(n for n, cls in ATTENTION_REGISTRY.items() if cls.applies_qk_norm)
-# ... of them, those whose weights are a softmax, compared here with mha's (linear: tests/test_linear_attention.py).
-QK_NORM_SOFTMAX = [n for n in QK_NORM_VARIANTS if ATTENTION_REGISTRY[n].softmax]
+# ... of them, those whose weights are one softmax per head, compared here with mha's (linear:
+# tests/test_linear_attention.py; diff: tests/test_diff_attention.py).
+QK_NORM_SOFTMAX = [n for n in QK_NORM_VARIANTS
+                   if ATTENTION_REGISTRY[n].softmax and ATTENTION_REGISTRY[n].weights_are_probabilities]
 
 
 cfg = tiny_config  # cfg(name, **overrides): the shared tiny model config (tests/model_helpers.py)

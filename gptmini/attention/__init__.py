@@ -18,8 +18,8 @@ State dicts are portable. Every variant saves its parameters in one canonical la
 state-dict hooks. So a model trained with `sdpa` loads into `mha` to look at its attention weights.
 
 Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (the per-layer KV caches), `variants`
-(every variant but flex, mla and linear), `flex`, `mla` (multi-head latent attention, with its own state dict and
-cache) and `linear` (causal linear attention, with its running-state cache).
+(every variant but flex, mla, linear and diff), `flex`, `mla` (multi-head latent attention, with its own state dict
+and cache), `linear` (causal linear attention, with its running-state cache) and `diff` (differential attention).
 """
 
 from gptmini.attention.cache import KVCache, LayerCache, LayerKVCache, StaticKVCache, StaticLayerKVCache
@@ -56,6 +56,7 @@ from gptmini.attention.variants import (  # imported (and so registered) first: 
 )
 
 # isort: split
+from gptmini.attention.diff import DifferentialAttention
 from gptmini.attention.flex import FlexAttention
 from gptmini.attention.linear import LinearAttention, LinearStateCache
 from gptmini.attention.mla import LatentCache, MultiHeadLatentAttention, StaticLatentCache
@@ -64,6 +65,7 @@ __all__ = [
     "ATTENTION_REGISTRY",
     "Attention",
     "CausalHead",
+    "DifferentialAttention",
     "EinsumAttention",
     "FlexAttention",
     "FusedQKV",

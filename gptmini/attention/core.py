@@ -178,7 +178,9 @@ def build_attention(config: ModelConfig, layer_index: int = 0) -> Attention:
     checked like one built by a command."""
     check_attention_config(config.attention, complete=True)
     check_doc_mask(config)
-    return attention_class(config.attention.name)(config, layer_index)
+    cls = attention_class(config.attention.name)
+    cls.check_sizes(config)
+    return cls(config, layer_index)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,6 +218,10 @@ class Attention(nn.Module):
     static_cache: ClassVar[bool] = False
     # True when forward honours `docs` (model.doc_mask: each token attends only within its own document).
     doc_mask: ClassVar[bool] = False
+    # True when the returned weights are one softmax per head (rows sum to one, less a learned sink's share). False
+    # when they combine maps (differential attention's A1 - λ·A2: signed, n_head/2 of them): the head metrics then
+    # read no sink share from them and judge each layer's weights as they come.
+    weights_are_probabilities: ClassVar[bool] = True
     # What the variant can do: train on CPU (a backward there), attention dropout, RoPE and QK-norm on its heads.
     trains_on_cpu: ClassVar[bool] = True
     has_dropout: ClassVar[bool] = True
@@ -290,6 +296,12 @@ class Attention(nn.Module):
 
     def _from_canonical(self, sd: dict[str, Tensor], prefix: str) -> None:
         """Rewrite canonical entries of `sd` into this module's own layout, in place."""
+
+    @classmethod
+    def check_sizes(cls, config: ModelConfig) -> None:
+        """Raise a one-line ValueError naming the model.* key when this variant cannot be built with `config`'s
+        sizes (differential attention pairs heads: n_head must be even). Asked where a config enters
+        (gptmini.config_checks) and again by build_attention."""
 
     @classmethod
     def check_device(cls, config: ModelConfig, device: torch.device, training: bool) -> None:
