@@ -21,7 +21,14 @@ Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (
 (every variant but flex) and `flex`.
 """
 
-from gptmini.attention.cache import KVCache, LayerCache, LayerKVCache, StaticKVCache, StaticLayerKVCache
+from gptmini.attention.cache import (
+    KVCache,
+    LayerCache,
+    LayerKVCache,
+    RollingLayerKVCache,
+    StaticKVCache,
+    StaticLayerKVCache,
+)
 from gptmini.attention.core import (
     ATTENTION_REGISTRY,
     Attention,
@@ -33,6 +40,8 @@ from gptmini.attention.core import (
     build_attention,
     causal_keep_mask,
     check_attention_config,
+    layer_attention,
+    layer_config,
     math_attention,
     merge_heads,
     normalize_heads,
@@ -67,6 +76,7 @@ __all__ = [
     "KVCache",
     "LayerCache",
     "LayerKVCache",
+    "RollingLayerKVCache",
     "StaticKVCache",
     "StaticLayerKVCache",
     "MultiHeadAttention",
@@ -82,6 +92,8 @@ __all__ = [
     "build_attention",
     "causal_keep_mask",
     "check_attention_config",
+    "layer_attention",
+    "layer_config",
     "math_attention",
     "merge_heads",
     "normalize_heads",

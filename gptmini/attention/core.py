@@ -3,6 +3,7 @@ RoPE and QK-norm, and the explicit softmax path that returns the attention weigh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gptmini.attention.cache import LayerCache, LayerKVCache, StaticLayerKVCache
-from gptmini.config import VARIANT_DEFAULTS, AttentionConfig, ModelConfig
+from gptmini.config import VARIANT_DEFAULTS, AttentionConfig, ModelConfig, with_variant_defaults
 
 Rope = tuple[Tensor, Tensor]  # (cos, sin), each (T, head_dim // 2), for the positions of the current input
 
@@ -137,7 +138,10 @@ def attention_class(name: str) -> type[Attention]:
 
 def check_attention_config(attention: AttentionConfig, complete: bool = True) -> None:
     """Refuse, in one line, a variant that does not exist and settings the chosen variant would ignore, and (when
-    `complete`: the config is about to build a model) settings it needs but lacks."""
+    `complete`: the config is about to build a model) settings it needs but lacks. A pattern
+    (model.attention.layers) is checked entry by entry, and each setting must be read by one of its variants."""
+    if attention.layers is not None:
+        return check_layer_pattern(attention, complete)
     cls = attention_class(attention.name)
     for key in OPTIONAL_KEYS:
         value = getattr(attention, key)
@@ -156,11 +160,51 @@ def check_attention_config(attention: AttentionConfig, complete: bool = True) ->
             )
 
 
+def check_layer_pattern(attention: AttentionConfig, complete: bool) -> None:
+    """model.attention.layers: every entry a registered variant, a window only where the variant reads one, and
+    every shared setting read by some layer's variant (the layers that do not read it leave it alone)."""
+    shown, classes = f"model.attention.layers={attention.summary()}", []
+    for index, entry in enumerate(attention.layers or ()):
+        name, window = attention.layer_entry(index)
+        if name not in ATTENTION_REGISTRY:
+            raise ValueError(f"{shown}: {name!r} is not an attention variant; valid: {', '.join(ATTENTION_REGISTRY)}")
+        classes.append(cls := ATTENTION_REGISTRY[name])
+        if window is not None and "window" not in cls.reads:
+            takers = ", ".join(n for n, other in ATTENTION_REGISTRY.items() if "window" in other.reads)
+            raise ValueError(f"{shown}: {entry!r} gives a window to {name!r}, which takes none (only {takers} do)")
+    for key in OPTIONAL_KEYS:
+        value = getattr(attention, key)
+        if value is not None and value is not False and not any(key in cls.reads for cls in classes):
+            raise ValueError(f"model.attention.{key}={str(value).lower() if isinstance(value, bool) else value} is "
+                             f"ignored by every variant of {shown}: remove the setting")
+    for index in range(len(classes)):  # what each variant needs, its defaults (n_head) fill: build_attention checks
+        check_attention_config(layer_attention(attention, index), complete=False)
+
+
+def layer_attention(attention: AttentionConfig, layer_index: int, n_head: int = 0) -> AttentionConfig:
+    """Layer `layer_index`'s own settings (`attention` itself without a pattern): its entry's variant and window, the
+    shared settings that variant reads, the others at their defaults, and (given n_head) the variant's defaults."""
+    if attention.layers is None:
+        return attention
+    name, window = attention.layer_entry(layer_index)
+    unread = {key: getattr(AttentionConfig(), key) for key in OPTIONAL_KEYS if key not in attention_class(name).reads}
+    own = dataclasses.replace(attention, name=name, layers=None, **unread)
+    own.window = window or own.window
+    return with_variant_defaults(own, n_head)
+
+
+def layer_config(config: ModelConfig, layer_index: int) -> ModelConfig:
+    """`config` as layer `layer_index` sees it: with the layer's own attention settings (see layer_attention)."""
+    return dataclasses.replace(config, attention=layer_attention(config.attention, layer_index, config.n_head))
+
+
 def build_attention(config: ModelConfig, layer_index: int = 0) -> Attention:
-    """The attention module named by `config.attention.name` for layer `layer_index` (0-based), refusing (the same
-    one line as where a config enters) settings the variant would ignore or lacks: a model built in Python is
-    checked like one built by a command."""
+    """Layer `layer_index`'s attention module (0-based): `config.attention.name`, or the layer's entry of the pattern
+    model.attention.layers. Refuses (the same one line as where a config enters) settings the variant would ignore
+    or lacks: a model built in Python is checked like one built by a command."""
     check_attention_config(config.attention, complete=True)
+    config = layer_config(config, layer_index)
+    check_attention_config(config.attention, complete=True)  # a pattern's layer, with its variant's defaults
     return attention_class(config.attention.name)(config, layer_index)
 
 
@@ -188,6 +232,8 @@ class Attention(nn.Module):
     returns_weights: ClassVar[bool] = True
     # True when forward understands a StaticKVCache (fixed-shape decoding that CUDA graphs can capture).
     static_cache: ClassVar[bool] = False
+    # True when new_cache(rolling=True) keeps only this layer's last `window` positions (bounded, past block_size).
+    rolling_cache: ClassVar[bool] = False
     # True when forward honours `docs` (model.doc_mask: each token attends only within its own document).
     doc_mask: ClassVar[bool] = False
     # What the variant can do: train on CPU (a backward there), attention dropout, RoPE and QK-norm on its heads.
@@ -235,7 +281,8 @@ class Attention(nn.Module):
     ) -> LayerCache:
         """This layer's cache for decoding up to `max_len` positions: by default the projected keys and values
         (n_kv_head heads of head_dim); `static`: the fixed-shape one (variants with `static_cache` only). A variant
-        that decodes from something else (a latent, a running state, its inputs) returns its own LayerCache."""
+        that decodes from something else (a latent, a running state, its inputs) returns its own LayerCache; one
+        with `rolling_cache` also takes `rolling=True` (the model asks only those)."""
         kind = StaticLayerKVCache if static else LayerKVCache
         return kind(batch_size, self.n_kv_head, max_len, self.head_dim, device=device, dtype=dtype)
 

@@ -43,6 +43,8 @@ def with_variant_defaults(attention: AttentionConfig, n_head: int) -> AttentionC
     """Fill the settings a variant needs but the config left null (swa's window, gqa's key/value heads). The YAML
     groups leave them null so that `generate.py model/attention=swa` runs a checkpoint with its own window."""
     fill = VARIANT_DEFAULTS.get(attention.name)
+    if attention.layers is not None:
+        return attention  # a pattern: each layer's variant fills its own (gptmini.attention.layer_attention)
     if fill is None or not isinstance(n_head, int) or n_head <= 0:
         return attention
     return fill(attention, n_head)
@@ -113,6 +115,10 @@ class ModelConfig:
         kv = self.attention.n_kv_head
         if kv is not None and (kv <= 0 or self.n_head % kv != 0):
             raise ValueError(f"model.attention.n_kv_head={kv} must be a positive divisor of model.n_head={self.n_head}")
+        layers = self.attention.layers
+        if layers is not None and len(layers) > self.n_layer:
+            raise ValueError(f"model.attention.layers has {len(layers)} entries, more than model.n_layer="
+                             f"{self.n_layer}: give at most one per layer (the list repeats to fill the rest)")
         check_choice("model.mlp", self.mlp, MLP_KINDS)
         if self.qk_norm_gain and not self.qk_norm:
             raise ValueError("model.qk_norm_gain=true scales normalised queries and keys; it needs model.qk_norm=true")
