@@ -131,11 +131,9 @@ def generate_stream(
     (RoPE too) the hidden states of the tokens that attended to the one that just left change with it. So the
     context is recomputed in one pass per token, exactly as without the cache: cached and uncached decoding
     agree, and the cache saves work within the first `block_size` tokens only.
-    The exception: a RoPE model whose every layer is windowed (GPT.rolls_past_block) decodes with a rolling cache
-    (each layer its last `window` keys and values) and goes on past block_size at positions block_size, +1, ...,
-    one position per token at a constant cost: each query sees the keys of its window, with their own positions'
-    rotary phases, as in training. There, past block_size, cached decoding differs from the uncached sliding
-    recompute (which restarts the positions at 0 each step); `static`/`compile` keep the sliding path.
+    Except for a RoPE model whose every layer is windowed (GPT.rolls_past_block): a rolling cache (each layer its
+    last `window` keys and values) decodes on past block_size, one position per token, each query seeing its
+    window's keys at their own positions, as in training (the uncached sliding path restarts positions at 0).
     `static` / `compile`: the fixed-shape cache and the compiled decode step (compile implies static; see Decoder);
     `compile` also compiles the full sliding context (see ContextStep).
     """
