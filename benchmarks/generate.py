@@ -17,6 +17,13 @@ Past `block_size` every new token is predicted from the last `block_size` tokens
 slides, no cached key or value stays valid (see gptmini.sampling.generate_stream), so each token costs one
 full-window forward with or without the cache.
 
+Rolling rows (`--rolling-models`, default `default`): the same model with RoPE and every layer `swa` (window
+`--rolling-window`, default block_size // 4), 4 x block_size new tokens. With the cache it decodes past block_size
+one position per token through a rolling cache (each layer its last `window` keys and values); without, the
+context slides and is recomputed each token. Both are timed, and the caches' sizes are shown: the rolling one,
+the plain one (block_size positions) and what a cache growing with the text would hold. The two modes agree
+within the block only (past it the sliding path restarts its positions at 0), which is checked.
+
 Time: `time.perf_counter` around the whole generation (prefill included), best of `--rounds` rounds (the
 least disturbed by other processes), cache on and off alternating within each round so that load hits both
 alike; one untimed warm-up generation of each first. GPT-2 without the cache takes many minutes per round on
@@ -91,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU threads; several values give a row each (default: torch's default)")
     p.add_argument("--modes", nargs="+", choices=tuple(MODES),
                    help="decoding modes (default: all; GPT-2 on a CPU: cache and none, the others take minutes)")
+    p.add_argument("--rolling-models", nargs="*", choices=tuple(MODELS), default=["default"],
+                   help="models for the rolling-cache rows (RoPE, all swa, 4 x block_size tokens; none: no rows)")
+    p.add_argument("--rolling-window", type=int, help="their window (default: block_size // 4)")
     p.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     return p.parse_args(argv)
 
@@ -182,6 +192,52 @@ def goal_text(model: str, device: torch.device) -> str:
     return f"{speedup:.0f}×" + (f", ≥ {tok_s:,.0f} tok/s" if tok_s else "")
 
 
+def measure_rolling(name: str, rounds: int, device: torch.device, threads: int, window: int | None) -> str:
+    """One markdown row: tok/s and cache sizes for 4 x block_size new tokens of an all-swa RoPE model."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    block = MODELS[name]["block_size"]
+    window = window or max(block // 4, 1)
+    cfg = ModelConfig(**MODELS[name], pos_encoding="rope", attention=AttentionConfig("swa", window=window))
+    model = GPT(cfg).to(device).eval()
+    prompt, n = torch.zeros(1, 1, dtype=torch.long, device=device), 4 * block
+    for mode in ("cache", "none"):
+        timed(model, prompt, 8, mode)
+    best: dict[str, float] = {}
+    for r in range(rounds):
+        outs = {}
+        for mode in ("cache", "none") if r % 2 == 0 else ("none", "cache"):
+            seconds, outs[mode] = timed(model, prompt, n, mode)
+            best[mode] = min(best.get(mode, seconds), seconds)
+            print(f"  {name} rolling {n} tokens, {threads} threads, {mode}: {seconds:.2f} s", file=sys.stderr,
+                  flush=True)
+        if not torch.equal(outs["cache"][:, :block], outs["none"][:, :block]):
+            raise SystemExit(f"{name}: rolling and uncached decoding disagree within the block")
+    kib = {kind: model.make_kv_cache(1, max_len=length, rolling=roll).nbytes() / 1024
+           for kind, length, roll in (("rolling", None, True), ("block", None, False), ("growing", n + 1, False))}
+    threads_text = threads if device.type == "cpu" else "–"
+    return (f"| {name} | {block} | {window} | {n} | {threads_text} | {rounds} | {n / best['none']:.1f} | "
+            f"{n / best['cache']:.1f} | {best['none'] / best['cache']:.2f}× | {kib['rolling']:,.0f} | "
+            f"{kib['block']:,.0f} | {kib['growing']:,.0f} |")
+
+
+def rolling_markdown(rows: list[str]) -> str:
+    return "\n".join([
+        "",
+        "### Past block_size: the rolling cache (RoPE, every layer `swa`)",
+        "",
+        "- 4 × block_size new tokens from a one-token prompt, greedy. *no cache*: the context slides and is "
+        "recomputed for every token; *rolling cache*: one position per token, each layer keeping its last `window` "
+        "keys and values. Cache sizes (KiB, batch 1, fp32): the rolling cache, the plain cache of block_size "
+        "positions, and a cache that kept every position generated.",
+        "",
+        "| model | block | window | new tokens | threads | rounds | no cache tok/s | rolling cache tok/s | speed-up "
+        "| rolling KiB | block KiB | growing KiB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        *rows,
+    ]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -195,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
                 modes = args.modes or (list(MODES) if device.type == "cuda" or name != "gpt2" else ["cache", "none"])
                 rows.append(measure(name, n, rounds, device, args.attention, threads, modes))
     table = markdown(rows, args, device)
+    rolling = [measure_rolling(name, args.rounds, device, threads, args.rolling_window)
+               for name in args.rolling_models
+               for threads in (args.threads if device.type == "cpu" else [torch.get_num_threads()])]
+    table += rolling_markdown(rolling) if rolling else ""
     print(table)
     if not args.no_write:
         write_section("generate", table)

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from gptmini.attention import attention_class, weight_compatible_variants
+from gptmini.attention import attention_class, layer_attention, weight_compatible_variants
+from gptmini.attention.core import OPTIONAL_KEYS
 from gptmini.config import OLD_MUON_KEYS, AttentionConfig, ModelConfig, OptimConfig
 from gptmini.finite import check_finite_weights
 from gptmini.model import GPT
@@ -273,7 +274,8 @@ def load_for_inference(
         raise CheckpointError(f"{str(path)!r} lacks a valid model config, tokenizer or weights ({err})") from None
     check_finite_weights(weights, repr(str(path)))
     if attention is not None:
-        model_cfg = dataclasses.replace(model_cfg, attention=swap_attention(model_cfg.attention, attention))
+        swapped = swap_attention(model_cfg.attention, attention, model_cfg)
+        model_cfg = dataclasses.replace(model_cfg, attention=swapped)
     model = GPT(model_cfg)
     try:
         model.load_state_dict(weights)
@@ -293,12 +295,31 @@ def _shown(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> AttentionConfig:
+def swap_attention(trained: AttentionConfig, wanted: AttentionConfig,
+                   model: ModelConfig | None = None) -> AttentionConfig:
     """The attention config to run with: `wanted` when it can load weights trained with `trained`.
 
     Settings `wanted` leaves null or false (the YAML groups do) keep the checkpoint's own values: a model trained with
     window 4 and run as `model/attention=swa` still sees 4 tokens, unless the user typed model.attention.window.
+    With a pattern (model.attention.layers) on either side, each of the model's n_layer layers is swapped alone (every
+    layer's two variants the same, or both weight-compatible) and the result is the pattern of every layer.
     """
+    if trained.layers is None and wanted.layers is None:
+        return _swap_variant(trained, wanted)
+    n_layer = model.n_layer if model is not None else len(wanted.layers or trained.layers or ())
+    where = f" (layer {{}} of model.attention.layers={trained.summary()})" if trained.layers else " (layer {})"
+    own = [_swap_variant(layer_attention(trained, i, model), layer_attention(wanted, i), where.format(i))
+           for i in range(n_layer)]
+    shared = {}
+    for key in OPTIONAL_KEYS:  # one shared value per setting (the layers that read it agree: they were trained so)
+        values = {getattr(layer, key) for layer in own if key in attention_class(layer.name).reads}
+        shared[key] = values.pop() if len(values) == 1 and key != "window" else getattr(AttentionConfig(), key)
+    entries = [layer.name if layer.window is None else f"{layer.name}:{layer.window}" for layer in own]
+    return dataclasses.replace(wanted, layers=entries, **shared)
+
+
+def _swap_variant(trained: AttentionConfig, wanted: AttentionConfig, where: str = "") -> AttentionConfig:
+    """swap_attention for one variant on each side (`where`: which layer of a pattern, for the message)."""
     if wanted.name == trained.name:
         cls = attention_class(wanted.name)
         # null (a size) or false (a switch: gate, sinks) is what the YAML groups leave: the checkpoint's own value
@@ -309,13 +330,14 @@ def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> Attenti
             if getattr(wanted, key) != getattr(trained, key):
                 raise CheckpointError(
                     f"model.attention.{key}={_shown(getattr(wanted, key))} does not match the checkpoint's "
-                    f"{key}={_shown(getattr(trained, key))}; {_FIXED_BY_WEIGHTS.get(key, key)} fixed by the weights"
+                    f"{key}={_shown(getattr(trained, key))}{where}; {_FIXED_BY_WEIGHTS.get(key, key)} fixed by the "
+                    f"weights"
                 )
         return wanted
     compatible = weight_compatible_variants()
     if wanted.name not in compatible or trained.name not in compatible:
         raise CheckpointError(
-            f"model/attention={wanted.name} cannot run weights trained with {trained.name!r}: only these "
+            f"model/attention={wanted.name} cannot run weights trained with {trained.name!r}{where}: only these "
             f"variants are interchangeable: {', '.join(compatible)}"
         )
     return wanted

@@ -11,7 +11,7 @@ line before anything is written.
 
 from __future__ import annotations
 
-from gptmini.attention import attention_class, check_attention_config, check_doc_mask
+from gptmini.attention import check_attention_config, check_layer
 from gptmini.config import GenerateConfig, ModelConfig, RunConfig
 from gptmini.optim import check_optimizer_config
 from gptmini.pretrained import check_pretrained_compatible
@@ -20,9 +20,8 @@ from gptmini.pretrained import check_pretrained_compatible
 def check_model_config(model: ModelConfig) -> None:
     """The attention variant, its settings (complete: about to build a model), the sizes it can take and whether it
     can mask by document (model.doc_mask), then the pretrained weights."""
-    check_attention_config(model.attention, complete=True)
-    attention_class(model.attention.name).check_sizes(model)
-    check_doc_mask(model)
+    for index in range(model.n_layer):
+        check_layer(model, index)
     check_pretrained_compatible(model)
 
 

@@ -62,12 +62,15 @@ def gpt2_refusal(cfg: ModelConfig) -> tuple[str, str] | None:
     Bias-free models are not refused: writing gives them zero biases, which compute the same thing (reading
     refuses them itself, since the weights' biases would be dropped)."""
     compatible = weight_compatible_variants()
+    attention = cfg.attention  # a pattern (model.attention.layers) is refused when any of its layers differs
+    shown = f"model.attention.name={attention.name}" if attention.layers is None else \
+        f"model.attention.layers={attention.summary()}"
     refusals = [
         (cfg.pos_encoding != "learned", f"model.pos_encoding={cfg.pos_encoding}", "has learned positions only (wpe)"),
         (cfg.qk_norm, "model.qk_norm=true", "has no QK-norm"),
         (cfg.mlp not in HF_ACTIVATIONS, f"model.mlp={cfg.mlp}", "has a GELU MLP (exact or tanh)"),
         (cfg.logit_softcap is not None, f"model.logit_softcap={cfg.logit_softcap}", "does not cap logits"),
-        (cfg.attention.name not in compatible, f"model.attention.name={cfg.attention.name}",
+        (any(name not in compatible for name in attention.layer_names(cfg.n_layer)), shown,
          f"has full multi-head attention, as the variants {', '.join(compatible)} compute"),
     ]
     return next(((setting, why) for refused, setting, why in refusals if refused), None)

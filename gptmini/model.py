@@ -99,12 +99,32 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (GPT-2)
         if config.pos_encoding == "rope":
-            half = config.head_dim // 2
-            inv_freq = 1.0 / (config.rope_base ** (torch.arange(half, dtype=torch.float32) / half))
-            angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (T, hd/2)
-            self.register_buffer("rope_cos", angles.cos(), persistent=False)
-            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+            cos, sin = self.rope_tables(config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+
+    def rope_tables(self, length: int) -> tuple[Tensor, Tensor]:
+        """cos and sin (length, hd/2) of every position's rotary angles, computed on the CPU in float32 whatever
+        the model's device, so that tables extended later hold the same values for the positions they share."""
+        half = self.config.head_dim // 2
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(half, dtype=torch.float32) / half))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, hd/2)
+        return angles.cos(), angles.sin()
+
+    def extend_rope(self, length: int) -> None:
+        """RoPE tables for at least `length` positions (decoding past block_size with a rolling cache), doubled at
+        each growth so that a long generation extends them a logarithmic number of times."""
+        if length <= self.rope_cos.size(0):
+            return
+        cos, sin = self.rope_tables(max(length, 2 * self.rope_cos.size(0)))
+        self.rope_cos = cos.to(self.rope_cos.device)  # (length, hd/2): still a non-persistent buffer
+        self.rope_sin = sin.to(self.rope_sin.device)
+
+    def rolls_past_block(self) -> bool:
+        """Whether a rolling cache lets this model decode past block_size: every layer keeps a window only (its
+        variant's `rolling_cache`) and positions are rotary (RoPE's tables extend; learned positions do not)."""
+        return self.wpe is None and all(block.attn.rolling_cache for block in self.blocks)
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02) everywhere, residual output projections scaled by 1/√(2·n_layer)
@@ -140,16 +160,21 @@ class GPT(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         static: bool = False,
+        rolling: bool = False,
     ) -> KVCache:
         """A preallocated cache for generating up to `max_len` (default block_size) positions; `static`: the
-        fixed-shape StaticKVCache the compiled decode path uses (variants with `static_cache` only)."""
+        fixed-shape StaticKVCache the compiled decode path uses (variants with `static_cache` only); `rolling`: the
+        layers whose variant has `rolling_cache` keep their last `window` positions only (see rolls_past_block)."""
         for block in self.blocks:
             if static and not block.attn.static_cache:
                 raise ValueError(f"attention variant {block.attn.name!r} has no static KV cache; use the sdpa family")
+        if static and rolling:
+            raise ValueError("a KV cache is static (fixed shapes) or rolling (a window), not both")
         ref = self.wte.weight
         max_len = max_len or self.config.block_size
         layers = [
-            block.attn.new_cache(batch_size, max_len, device or ref.device, dtype or ref.dtype, static=static)
+            block.attn.new_cache(batch_size, max_len, device or ref.device, dtype or ref.dtype, static=static,
+                                 **({"rolling": True} if rolling and block.attn.rolling_cache else {}))
             for block in self.blocks
         ]
         return StaticKVCache(layers) if static else KVCache(layers)
@@ -223,11 +248,14 @@ class GPT(nn.Module):
             kv_cache.input_pos = positions = input_pos  # (T,)
         else:
             start = kv_cache.pos if kv_cache is not None else 0
-            if start + T > self.config.block_size:
+            rolling = kv_cache is not None and kv_cache.bounded and self.wpe is None
+            if start + T > self.config.block_size and not rolling:
                 raise ValueError(
                     f"sequence of {start + T} tokens is longer than model.block_size={self.config.block_size}; "
                     f"crop the input to the last {self.config.block_size} tokens"
                 )
+            if self.wpe is None:
+                self.extend_rope(start + T)  # past block_size (a rolling cache): the tables grow
             positions = slice(start, start + T)
         x = self.wte(idx)  # (B, T, C)
         rope = None

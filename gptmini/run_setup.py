@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gptmini import data as data_lib
-from gptmini.attention import ATTENTION_REGISTRY
+from gptmini.attention import ATTENTION_REGISTRY, layer_config
 from gptmini.backend_probe import KernelReport, math_fallback_warning, probe_attention_kernel
 from gptmini.checkpoint import (
     CheckpointError,
@@ -91,7 +91,8 @@ def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
         notes.append(f"distributed: {env.world_size} processes, strategy {hw.strategy}")
     notes.extend(optimizer_class(cfg.optim.name).notes(cfg, hw.device))  # e.g. Muon's Newton-Schulz dtype
     # Refuse what the attention variant cannot do here (flex on CPU, ...) before preparing any data.
-    ATTENTION_REGISTRY[cfg.model.attention.name].check_device(cfg.model, hw.device, training=True)
+    for index, name in enumerate(cfg.model.attention.layer_names(cfg.model.n_layer)):  # every layer's variant
+        ATTENTION_REGISTRY[name].check_device(layer_config(cfg.model, index), hw.device, training=True)
     resume_from = resume_path(cfg.train.resume, checkpoint_dir(run_dir))
     if cfg.model.init_from is not None and resume_from is None:
         check_pretrained_source(cfg)  # the tokenizer and the weights' folder, before minutes of preparation
@@ -153,8 +154,15 @@ def wants_kernel_probe(device: torch.device) -> bool:
 
 
 def probe_kernel(model: GPT, model_cfg: ModelConfig, hw: Hardware) -> KernelReport:
-    """Which SDPA backend the model's attention gets at its training shape (one layer, one sequence)."""
-    return probe_attention_kernel(model.blocks[0].attn, hw.device, hw.dtype, model_cfg.block_size, training=True)
+    """Which SDPA backend the model's attention gets at its training shape (one sequence): the first layer of each
+    variant in the model (a pattern holds several) is probed, and a math fallback, if any layer has one, is the
+    report, so a fast first layer does not hide a slow other."""
+    firsts: dict[str, Any] = {}
+    for block in model.blocks:
+        firsts.setdefault(block.attn.name, block.attn)  # each variant's first layer
+    reports = [probe_attention_kernel(attn, hw.device, hw.dtype, model_cfg.block_size, training=True)
+               for attn in firsts.values()]
+    return next((report for report in reports if report.is_math_fallback), reports[0])
 
 
 def resolve_hardware(cfg: RunConfig, env: DistEnv) -> Hardware:

@@ -58,10 +58,10 @@ class Decoder:
     Without `static`, the growing cache of the eager path (every variant; `return_weights` needs it too)."""
 
     def __init__(self, model: GPT, batch_size: int, dtype: torch.dtype | None, static: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, rolling: bool = False) -> None:
         static = static or compile  # only the fixed-shape cache compiles into one graph
         self.model, self.static = model, static
-        self.cache = model.make_kv_cache(batch_size, dtype=dtype, static=static)
+        self.cache = model.make_kv_cache(batch_size, dtype=dtype, static=static, rolling=rolling)
         self.prefill_fn = self.decode_fn = self._forward
         if compile:
             self.decode_fn = torch.compile(self._forward, mode=one_shape_mode(model), dynamic=False)
@@ -130,7 +130,10 @@ def generate_stream(
     stays valid: with learned positions every token's position embedding changes, and in a multi-layer model
     (RoPE too) the hidden states of the tokens that attended to the one that just left change with it. So the
     context is recomputed in one pass per token, exactly as without the cache: cached and uncached decoding
-    agree everywhere, and the cache saves work within the first `block_size` tokens only.
+    agree, and the cache saves work within the first `block_size` tokens only.
+    Except for a RoPE model whose every layer is windowed (GPT.rolls_past_block): a rolling cache (each layer its
+    last `window` keys and values) decodes on past block_size, one position per token, each query seeing its
+    window's keys at their own positions, as in training (the uncached sliding path restarts positions at 0).
     `static` / `compile`: the fixed-shape cache and the compiled decode step (compile implies static; see Decoder);
     `compile` also compiles the full sliding context (see ContextStep).
     """
@@ -140,10 +143,11 @@ def generate_stream(
     context = idx[:, -block:]  # (B, <= block)
     whole_context = ContextStep(model, compile)
     decoder = None
-    if kv_cache and context.size(1) < block:
+    rolling = kv_cache and not (static or compile) and model.rolls_past_block()
+    if kv_cache and (context.size(1) < block or rolling):
         kind = idx.device.type  # under autocast, keep keys and values in the dtype they are computed in
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-        decoder = Decoder(model, idx.size(0), dtype, static=static, compile=compile)
+        decoder = Decoder(model, idx.size(0), dtype, static=static, compile=compile, rolling=rolling)
     logits = decoder(context) if decoder is not None else whole_context(context)  # prefill: (B, V)
     for i in range(max_new_tokens):
         token = next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
@@ -151,8 +155,8 @@ def generate_stream(
         if i == max_new_tokens - 1:
             break
         context = torch.cat([context, token], dim=1)[:, -block:]  # (B, <= block)
-        if decoder is not None and decoder.pos < block:
-            logits = decoder(token)  # one new position
+        if decoder is not None and (decoder.pos < block or rolling):
+            logits = decoder(token)  # one new position (past block_size too, with a rolling cache)
         else:  # no cache, or the context is full and slides: the whole context in one pass
             decoder = None
             logits = whole_context(context)

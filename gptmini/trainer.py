@@ -126,8 +126,10 @@ class TrainingLoop:
         self.reported_skipped, self.last_look = 0, 0  # skipped steps already reported, and when they were counted
         self.tokens_per_s: list[float] = []  # each log interval's throughput: the final metrics take the median
         reset_peak_memory(hw.device)  # the run's peak memory, not that of the data preparation before it
-        # Attention maps only from a variant that returns its weights (its `returns_weights` flag).
-        self.draws_attention = attention_class(self.model_cfg.attention.name).returns_weights
+        # Attention maps only when every layer's variant returns its weights (its `returns_weights` flag).
+        self.silent_variants = sorted({name for name in self.model_cfg.attention.layer_names(self.model_cfg.n_layer)
+                                       if not attention_class(name).returns_weights})
+        self.draws_attention = not self.silent_variants
         self.attn_interval = t.attn_interval if self.draws_attention else 0
 
     def run(self) -> TrainResult:
@@ -179,11 +181,11 @@ class TrainingLoop:
             write_atomic(self.run_dir / CONFIG_FILE, to_yaml(self.full_config).encode(), "hydra.run.dir")
         n_params = self.model.num_parameters()
         self.log.info(f"run directory: {self.run_dir}")
-        self.log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={self.model_cfg.attention.name}")
+        self.log.info(f"model: {n_params / 1e6:.2f}M parameters, attention={self.model_cfg.attention.summary()}")
         self.tb.scalars({TAG_PARAMETERS: n_params}, self.trainer.step)
         if not self.draws_attention and self.t.attn_interval > 0:
-            self.log.info(f"attention maps: none (attention variant {self.model_cfg.attention.name!r} returns no "
-                          f"weights; train.attn_interval={self.t.attn_interval} is ignored)")
+            self.log.info(f"attention maps: none (attention variant {', '.join(map(repr, self.silent_variants))} "
+                          f"returns no weights; train.attn_interval={self.t.attn_interval} is ignored)")
         self.tb.text("system/backend", f"{self.hw.info.backend}; dtype {self.hw.dtype}; torch {torch.__version__}; "
                      f"{self.hw.env.world_size} process(es)", self.trainer.step, code=False)
         if not self.trainer.skip_on_device and not self.trainer.scaler.is_enabled():

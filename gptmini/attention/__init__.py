@@ -22,7 +22,22 @@ Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (
 and cache), `linear` (causal linear attention, with its running-state cache) and `diff` (differential attention).
 """
 
-from gptmini.attention.cache import KVCache, LayerCache, LayerKVCache, StaticKVCache, StaticLayerKVCache
+from gptmini.attention.build import (
+    build_attention,
+    check_attention_config,
+    check_doc_mask,
+    check_layer,
+    layer_attention,
+    layer_config,
+)
+from gptmini.attention.cache import (
+    KVCache,
+    LayerCache,
+    LayerKVCache,
+    RollingLayerKVCache,
+    StaticKVCache,
+    StaticLayerKVCache,
+)
 from gptmini.attention.core import (
     ATTENTION_REGISTRY,
     Attention,
@@ -31,10 +46,7 @@ from gptmini.attention.core import (
     SeparateQKVBase,
     apply_rope,
     attention_class,
-    build_attention,
     causal_keep_mask,
-    check_attention_config,
-    check_doc_mask,
     math_attention,
     merge_heads,
     normalize_heads,
@@ -76,6 +88,7 @@ __all__ = [
     "LayerKVCache",
     "LinearAttention",
     "LinearStateCache",
+    "RollingLayerKVCache",
     "StaticKVCache",
     "StaticLatentCache",
     "StaticLayerKVCache",
@@ -94,6 +107,9 @@ __all__ = [
     "causal_keep_mask",
     "check_attention_config",
     "check_doc_mask",
+    "check_layer",
+    "layer_attention",
+    "layer_config",
     "math_attention",
     "merge_heads",
     "normalize_heads",

@@ -18,6 +18,8 @@ class LayerCache:
     """Base of one layer's cache. The owning `KVCache` says how many positions are filled (`pos`)."""
 
     owner: KVCache | None = None
+    # True when the cache keeps a bounded number of positions (a window), so decoding may run past block_size.
+    bounded = False
 
     @property
     def pos(self) -> int:
@@ -62,6 +64,52 @@ class LayerKVCache(LayerCache):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class RollingLayerKVCache(LayerCache):
+    """Keys and values of a layer that looks back `window` positions (swa), keeping only the last `window`: a ring
+    in which position p sits in slot p % window, so the cache is as large after a million tokens as after `window`.
+    Keys are stored after RoPE, so each keeps its own position's rotary phase."""
+
+    bounded = True
+
+    def __init__(
+        self,
+        batch_size: int,
+        heads: int,
+        window: int,
+        width: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, heads, window, width)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, H_kv, window, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.window = window
+
+    def tensors(self) -> list[Tensor]:
+        return [self.k, self.v]
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H_kv, T, hd) of positions [pos, pos + T); return what the new queries may see.
+
+        One new position (T == 1): the filled slots (B, H_kv, <= window, hd) in ring order, all inside its window
+        (the order of keys does not change a softmax). More: the kept positions that the first new query can still
+        see, then the new ones, in order (B, H_kv, kept + T, hd), for the layer's windowed causal mask."""
+        W, pos, T = self.window, self.pos, k.size(-2)
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if T == 1:
+            self.k[:, :, pos % W] = k[:, :, 0]
+            self.v[:, :, pos % W] = v[:, :, 0]
+            return self.k[:, :, : min(pos + 1, W)], self.v[:, :, : min(pos + 1, W)]
+        seen = torch.arange(max(pos - W + 1, 0), pos, device=k.device) % W  # slots of the positions still in view
+        k = torch.cat([self.k.index_select(2, seen), k], dim=2)  # (B, H_kv, kept + T, hd)
+        v = torch.cat([self.v.index_select(2, seen), v], dim=2)
+        end = pos + T
+        slots = torch.arange(max(end - W, 0), end, device=k.device) % W  # the last `window` positions' slots
+        self.k.index_copy_(2, slots, k[:, :, -slots.numel() :])
+        self.v.index_copy_(2, slots, v[:, :, -slots.numel() :])
+        return k, v
+
+
 class KVCache:
     """The caches of every layer of a model, filled together: `pos` counts the positions already filled. The model
     reads it to place new tokens, each layer writes at [pos, pos + T), and the model advances `pos` once the whole
@@ -78,6 +126,11 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+    @property
+    def bounded(self) -> bool:
+        """Every layer keeps a window only: decoding may run past block_size (RoPE models; see GPT.embed)."""
+        return all(layer.bounded for layer in self.layers)
 
     def nbytes(self) -> int:
         """Bytes held by every layer's buffers."""

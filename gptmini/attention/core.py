@@ -1,5 +1,6 @@
 """What every attention variant shares: the base class and its canonical state-dict layout, the registry, masks,
-RoPE and QK-norm, and the explicit softmax path that returns the attention weights."""
+RoPE and QK-norm, and the explicit softmax path that returns the attention weights. Checking a config against the
+registry and building each layer's module from it: gptmini.attention.build."""
 
 from __future__ import annotations
 
@@ -138,51 +139,6 @@ def attention_class(name: str) -> type[Attention]:
     return ATTENTION_REGISTRY[name]
 
 
-def check_attention_config(attention: AttentionConfig, complete: bool = True) -> None:
-    """Refuse, in one line, a variant that does not exist and settings the chosen variant would ignore, and (when
-    `complete`: the config is about to build a model) settings it needs but lacks."""
-    cls = attention_class(attention.name)
-    for key in OPTIONAL_KEYS:
-        value = getattr(attention, key)
-        if value is not None and value is not False and key not in cls.reads:
-            readers = sorted(name for name, other in ATTENTION_REGISTRY.items() if key in other.reads)
-            users = f"; only {', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it" if readers else ""
-            choose = f" or choose model/attention={readers[0]}" if readers else ""
-            shown = str(value).lower() if isinstance(value, bool) else value
-            because = f" ({cls.not_read_because[key]})" if key in cls.not_read_because else ""
-            raise ValueError(
-                f"model.attention.{key}={shown} is ignored by attention variant {attention.name!r}{because}{users}: "
-                f"remove the setting{choose}"
-            )
-        if value is None and key in cls.needs and complete:
-            raise ValueError(
-                f"attention variant {attention.name!r} needs model.attention.{key} (a positive integer)"
-            )
-
-
-def check_doc_mask(config: ModelConfig) -> None:
-    """Refuse, in one line, model.doc_mask=true with a variant that does not honour `docs` (its `doc_mask` flag):
-    it would attend across documents while the config says it does not."""
-    if not config.doc_mask or attention_class(config.attention.name).doc_mask:
-        return
-    able = sorted(name for name, cls in ATTENTION_REGISTRY.items() if cls.doc_mask)
-    raise ValueError(
-        f"model.doc_mask=true is not supported by attention variant {config.attention.name!r} (it cannot keep "
-        f"attention inside each document); use model.doc_mask=false or one of: {', '.join(able)}"
-    )
-
-
-def build_attention(config: ModelConfig, layer_index: int = 0) -> Attention:
-    """The attention module named by `config.attention.name` for layer `layer_index` (0-based), refusing (the same
-    one line as where a config enters) settings the variant would ignore or lacks: a model built in Python is
-    checked like one built by a command."""
-    check_attention_config(config.attention, complete=True)
-    check_doc_mask(config)
-    cls = attention_class(config.attention.name)
-    cls.check_sizes(config)
-    return cls(config, layer_index)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Base classes
 
@@ -216,6 +172,8 @@ class Attention(nn.Module):
     returns_weights: ClassVar[bool] = True
     # True when forward understands a StaticKVCache (fixed-shape decoding that CUDA graphs can capture).
     static_cache: ClassVar[bool] = False
+    # True when new_cache(rolling=True) keeps only this layer's last `window` positions (bounded, past block_size).
+    rolling_cache: ClassVar[bool] = False
     # True when forward honours `docs` (model.doc_mask: each token attends only within its own document).
     doc_mask: ClassVar[bool] = False
     # True when the returned weights are one softmax per head (rows sum to one, less a learned sink's share). False
@@ -268,7 +226,8 @@ class Attention(nn.Module):
     ) -> LayerCache:
         """This layer's cache for decoding up to `max_len` positions: by default the projected keys and values
         (n_kv_head heads of head_dim); `static`: the fixed-shape one (variants with `static_cache` only). A variant
-        that decodes from something else (a latent, a running state, its inputs) returns its own LayerCache."""
+        that decodes from something else (a latent, a running state, its inputs) returns its own LayerCache; one
+        with `rolling_cache` also takes `rolling=True` (the model asks only those)."""
         kind = StaticLayerKVCache if static else LayerKVCache
         return kind(batch_size, self.n_kv_head, max_len, self.head_dim, device=device, dtype=dtype)
 

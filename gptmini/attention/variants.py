@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptmini.attention.cache import LayerKVCache, StaticLayerKVCache
+from gptmini.attention.cache import LayerKVCache, RollingLayerKVCache, StaticLayerKVCache
 from gptmini.attention.core import (
     Attention,
     PackedQKVBase,
@@ -234,6 +234,7 @@ class SlidingWindowAttention(SDPAttention):
 
     weight_compatible = False
     reads = needs = ("window",)
+    rolling_cache = True  # new_cache(rolling=True): only the last `window` keys and values (RollingLayerKVCache)
     DEFAULT_WINDOW = 64  # model.attention.window when the config leaves it null
 
     @classmethod
@@ -246,6 +247,12 @@ class SlidingWindowAttention(SDPAttention):
         super().__init__(config, layer_index)
         assert config.attention.window is not None, "ModelConfig fills swa's window; check_attention_config needs one"
         self.window = config.attention.window
+
+    def new_cache(self, batch_size, max_len, device, dtype, static=False, rolling=False):
+        """`rolling`: a cache of the last `window` positions only, whatever the length decoded."""
+        if rolling and not static:
+            return RollingLayerKVCache(batch_size, self.n_kv_head, self.window, self.head_dim, device, dtype)
+        return super().new_cache(batch_size, max_len, device, dtype, static=static)
 
 
 @register_attention("torch_mha")

@@ -45,6 +45,8 @@ def with_variant_defaults(model: ModelConfig) -> AttentionConfig:
     `generate.py model/attention=swa` runs a checkpoint with its own window. Sizes that are not positive integers
     are left to `validate` to refuse."""
     fill = VARIANT_DEFAULTS.get(model.attention.name)
+    if model.attention.layers is not None:
+        return model.attention  # a pattern: each layer's variant fills its own (gptmini.attention.layer_attention)
     sizes = (model.n_head, model.n_embd)
     if fill is None or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
         return model.attention
@@ -135,6 +137,10 @@ class ModelConfig:
         if self.pos_encoding == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"pos_encoding=rope needs an even head size, got n_embd/n_head={self.head_dim}")
         self.check_attention_sizes()
+        layers = self.attention.layers
+        if layers is not None and len(layers) > self.n_layer:
+            raise ValueError(f"model.attention.layers has {len(layers)} entries, more than model.n_layer="
+                             f"{self.n_layer}: give at most one per layer (the list repeats to fill the rest)")
         check_choice("model.mlp", self.mlp, MLP_KINDS)
         if self.qk_norm_gain and not self.qk_norm:
             raise ValueError("model.qk_norm_gain=true scales normalised queries and keys; it needs model.qk_norm=true")
