@@ -272,7 +272,11 @@ def load_for_inference(
 
 
 # How a setting that the weights fix is named in the message refusing another value.
-_FIXED_BY_WEIGHTS = {"n_kv_head": "key/value heads are"}
+_FIXED_BY_WEIGHTS = {
+    "n_kv_head": "key/value heads are",
+    "gate": "the output gate (its weights) is",
+    "sinks": "the attention sinks (their logits) are",
+}
 
 
 def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> AttentionConfig:
@@ -280,7 +284,15 @@ def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> Attenti
 
     Settings `wanted` leaves null (the YAML groups do) keep the checkpoint's own values: a model trained with
     window 4 and run as `model/attention=swa` still sees 4 tokens, unless the user typed model.attention.window.
+    Switches the weights fix (gate, sinks) always follow the checkpoint (see `_keep_switches`).
     """
+    compatible = weight_compatible_variants()
+    if wanted.name != trained.name and (wanted.name not in compatible or trained.name not in compatible):
+        raise CheckpointError(
+            f"model/attention={wanted.name} cannot run weights trained with {trained.name!r}: only these "
+            f"variants are interchangeable: {', '.join(compatible)}"
+        )
+    wanted = _keep_switches(trained, wanted)
     if wanted.name == trained.name:
         cls = attention_class(wanted.name)
         kept = {key: getattr(trained, key) for key in cls.reads if getattr(wanted, key) is None}
@@ -291,11 +303,30 @@ def swap_attention(trained: AttentionConfig, wanted: AttentionConfig) -> Attenti
                     f"model.attention.{key}={getattr(wanted, key)} does not match the checkpoint's "
                     f"{key}={getattr(trained, key)}; {_FIXED_BY_WEIGHTS.get(key, key)} fixed by the weights"
                 )
-        return wanted
-    compatible = weight_compatible_variants()
-    if wanted.name not in compatible or trained.name not in compatible:
-        raise CheckpointError(
-            f"model/attention={wanted.name} cannot run weights trained with {trained.name!r}: only these "
-            f"variants are interchangeable: {', '.join(compatible)}"
-        )
+    return wanted
+
+
+def _keep_switches(trained: AttentionConfig, wanted: AttentionConfig) -> AttentionConfig:
+    """`wanted` with the checkpoint's on/off settings that its weights fix (model.attention.gate, sinks).
+
+    The YAML groups spell them `false`, which cannot be told from a typed false, so a checkpoint with them on
+    keeps them on (its weights need them) in any variant that reads them; one trained without them refuses a
+    typed `true` (there are no weights to run it with)."""
+    cls = attention_class(wanted.name)
+    for key in attention_class(trained.name).fixed_by_weights:
+        if not isinstance(getattr(trained, key), bool):
+            continue
+        if getattr(trained, key) and key not in cls.reads:
+            readers = [name for name in weight_compatible_variants() if key in attention_class(name).reads]
+            raise CheckpointError(
+                f"model/attention={wanted.name} cannot run weights trained with model.attention.{key}=true: "
+                f"{wanted.name} does not read it; use one that does ({', '.join(readers) or 'none'})"
+            )
+        if getattr(wanted, key) and not getattr(trained, key):
+            raise CheckpointError(
+                f"model.attention.{key}=true does not match the checkpoint's {key}=false; "
+                f"{_FIXED_BY_WEIGHTS.get(key, key)} fixed by the weights"
+            )
+        if key in cls.reads:
+            wanted = dataclasses.replace(wanted, **{key: getattr(trained, key)})
     return wanted

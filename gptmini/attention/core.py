@@ -322,7 +322,8 @@ class PackedQKVBase(Attention):
         """The explicit math path, used when the caller wants the attention weights."""
         groups = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
-        return math_attention(q, k, v, self.keep_mask(q.size(2), k.size(2), q.device), self.attn_dropout)
+        keep = self.keep_mask(q.size(2), k.size(2), q.device)
+        return math_attention(q, k, v, keep, self.attn_dropout, self.sinks)
 
 
 class SeparateQKVBase(Attention):

@@ -19,6 +19,7 @@ from gptmini.attention.core import (
     math_attention,
     merge_heads,
     register_attention,
+    softmax_with_sinks,
 )
 from gptmini.config import AttentionConfig, ModelConfig
 
@@ -27,6 +28,8 @@ from gptmini.config import AttentionConfig, ModelConfig
 class MultiHeadAttention(SeparateQKVBase):
     """The textbook split-head module, written out step by step. This is the reference every variant is
     tested against."""
+
+    reads = fixed_by_weights = ("gate", "sinks")
 
     def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
         super().__init__(config, layer_index)
@@ -46,11 +49,11 @@ class MultiHeadAttention(SeparateQKVBase):
             k, v = kv_cache.update(k, v)  # (B, H, start+T, hd)
         scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)  # (B, H, T, start+T)
         scores = scores.masked_fill(self.mask[start : start + T, : start + T], float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        weights = softmax_with_sinks(scores, self.sinks)  # (B, H, T, start+T): plain softmax without sinks
         weights = self.attn_dropout(weights)
         y = weights @ v  # (B, H, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.out_proj(y), (weights if return_weights else None)
+        return self.project_out(y, x), (weights if return_weights else None)
 
 
 class CausalHead(nn.Module):
@@ -63,16 +66,21 @@ class CausalHead(nn.Module):
         self.value = nn.Linear(n_embd, head_dim, bias=bias)
         self.dropout = dropout
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, sink: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`sink` (1,): this head's learned sink logit (model.attention.sinks), or None."""
         scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, Tq, Tk)
         scores = scores.masked_fill(~keep, float("-inf"))
-        weights = self.dropout(torch.softmax(scores, dim=-1))
+        weights = self.dropout(softmax_with_sinks(scores[:, None], sink)[:, 0])  # (B, Tq, Tk)
         return weights @ v, weights  # (B, Tq, hd)
 
 
 @register_attention("wrapper")
 class WrapperAttention(Attention):
     """`n_head` independent single-head modules; their outputs are concatenated, then projected."""
+
+    reads = fixed_by_weights = ("gate", "sinks")
 
     # Each head's projections, in the order the canonical `qkv` stacks them.
     _LAYERS = ("query", "key", "value")
@@ -91,12 +99,14 @@ class WrapperAttention(Attention):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, H, Tk, hd)
         keep = self.keep_mask(x.size(1), k.size(2), x.device)
+        sinks = [None] * self.n_head if self.sinks is None else self.sinks.split(1)  # n_head x (1,)
         outs = [
-            head(q, k[:, i], v[:, i], keep) for i, (head, q) in enumerate(zip(self.heads, qs, strict=True))
+            head(q, k[:, i], v[:, i], keep, sink)
+            for i, (head, q, sink) in enumerate(zip(self.heads, qs, sinks, strict=True))
         ]
         y = torch.cat([o for o, _ in outs], dim=-1)  # (B, T, C)
         weights = torch.stack([w for _, w in outs], dim=1) if return_weights else None
-        return self.out_proj(y), weights
+        return self.project_out(y, x), weights
 
     def _to_canonical(self, sd, prefix):
         for suffix in ("weight", "bias"):
@@ -123,17 +133,21 @@ class WrapperAttention(Attention):
 class FusedQKV(PackedQKVBase):
     """The `fused_qkv` variant: as `mha`, with one (C, 3C) projection instead of three."""
 
+    reads = fixed_by_weights = ("gate", "sinks")
+
     def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H, Tk, hd) x2
         y, weights = math_attention(
-            q, k, v, self.keep_mask(q.size(2), k.size(2), x.device), self.attn_dropout
+            q, k, v, self.keep_mask(q.size(2), k.size(2), x.device), self.attn_dropout, self.sinks
         )
-        return self.out_proj(merge_heads(y)), (weights if return_weights else None)
+        return self.project_out(merge_heads(y), x), (weights if return_weights else None)
 
 
 @register_attention("einsum")
 class EinsumAttention(SeparateQKVBase):
-    """As `mha`, with every contraction (projections included) written as `torch.einsum`."""
+    """As `mha`, with every contraction (projections, output gate included) written as `torch.einsum`."""
+
+    reads = fixed_by_weights = ("gate", "sinks")
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         B, T, C = x.shape
@@ -144,18 +158,21 @@ class EinsumAttention(SeparateQKVBase):
             out = torch.einsum("btc,hdc->bhtd", x, w)  # (B, H, T, hd)
             return out if layer.bias is None else out + layer.bias.view(1, H, 1, hd)
 
+        def linear(t: Tensor, layer: nn.Linear) -> Tensor:
+            out = torch.einsum("btc,oc->bto", t, layer.weight)  # (B, T, C)
+            return out if layer.bias is None else out + layer.bias
+
         q, k, v = project(self.q_proj), project(self.k_proj), project(self.v_proj)
         q, k = self.position_qk(q, rope), self.position_qk(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         keep = self.keep_mask(T, k.size(2), x.device)
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(hd)  # (B, H, T, Tk)
-        weights = self.attn_dropout(torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1))
+        weights = self.attn_dropout(softmax_with_sinks(scores.masked_fill(~keep, float("-inf")), self.sinks))
         y = torch.einsum("bhqk,bhkd->bqhd", weights, v).reshape(B, T, C)  # (B, T, C)
-        out = torch.einsum("btc,oc->bto", y, self.out_proj.weight)
-        if self.out_proj.bias is not None:
-            out = out + self.out_proj.bias
-        return out, (weights if return_weights else None)
+        if self.gate_proj is not None:  # Attention.project_out's gate, as an einsum
+            y = y * torch.sigmoid(linear(x, self.gate_proj))
+        return linear(y, self.out_proj), (weights if return_weights else None)
 
 
 @register_attention("sdpa")
@@ -164,12 +181,13 @@ class SDPAttention(PackedQKVBase):
     The default. Also the base of `gqa` and `swa`, which only change the key/value heads or the mask."""
 
     static_cache = True  # decodes with a StaticKVCache (the compiled, CUDA-graph-friendly decode path)
+    reads = fixed_by_weights = ("gate", "sinks")
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H_kv, Tk, hd) x2
         if return_weights:
             y, weights = self.weights_path(q, k, v)
-            return self.out_proj(merge_heads(y)), weights
+            return self.project_out(merge_heads(y), x), weights
         T, Tk = q.size(2), k.size(2)
         dropout_p = self.attn_dropout.p if self.training else 0.0
         if isinstance(kv_cache, StaticLayerKVCache):
@@ -180,16 +198,50 @@ class SDPAttention(PackedQKVBase):
             mask, causal = None, False  # one new token sees the whole cache
         else:
             mask, causal = self.keep_mask(T, Tk, x.device), False
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=dropout_p,
-            is_causal=causal,
-            enable_gqa=self.n_kv_head != self.n_head,
+        y = sdpa_with_sinks(
+            q, k, v, mask, causal, dropout_p, self.sinks, enable_gqa=self.n_kv_head != self.n_head
         )  # (B, H, T, hd)
-        return self.out_proj(merge_heads(y)), None
+        return self.project_out(merge_heads(y), x), None
+
+
+def sdpa_with_sinks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    sinks: Tensor | None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """F.scaled_dot_product_attention (q (B, H, T, hd), k, v (B, H_kv, Tk, hd) -> (B, H, T, hd)), with each head's
+    sink logit (sinks (H,); None: plain SDPA, untouched) in every softmax denominator: exact, on the same kernels.
+
+    The sink is one more key, placed first, whose value is zero. Its score must be the head's sink logit whatever
+    the query, so queries and keys get one more head dimension: each query carries its head's sink times √hd
+    there (per query head, so grouped key/value heads work), real keys 0 and the sink key 1; `scale` stays
+    1/√hd. On the causal fast path one more query goes first too, so that is_causal's top-left alignment lets
+    query i see the sink and keys 0..i; that query sees only the sink (output 0) and its row is dropped.
+    """
+    if sinks is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=enable_gqa
+        )
+    B, H, T, hd = q.shape
+    scale = 1.0 / math.sqrt(hd)
+    sink = (sinks.to(q.dtype) / scale).view(1, H, 1, 1).expand(B, H, T, 1)  # (B, H, T, 1)
+    q = torch.cat([q, sink], dim=-1)  # (B, H, T, hd+1)
+    sink_key = F.pad(k.new_ones(B, k.size(1), 1, 1), (hd, 0))  # (B, H_kv, 1, hd+1): (0, ..., 0, 1)
+    k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)  # (B, H_kv, 1+Tk, hd+1)
+    v = F.pad(v, (0, 0, 1, 0))  # (B, H_kv, 1+Tk, hd): the sink adds no value
+    if mask is not None:
+        mask = torch.cat([mask.new_ones(*mask.shape[:-1], 1), mask], dim=-1)  # (..., T, 1+Tk): all see the sink
+    if causal:
+        q = F.pad(q, (0, 0, 1, 0))  # (B, H, 1+T, hd+1)
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=enable_gqa
+    )  # (B, H, T or 1+T, hd)
+    return y[:, :, 1:] if causal else y
 
 
 @register_attention("gqa")
@@ -198,7 +250,7 @@ class GroupedQueryAttention(SDPAttention):
     (`n_kv_head=1` is multi-query attention). The KV cache shrinks by n_head / n_kv_head."""
 
     weight_compatible = False
-    reads = fixed_by_weights = ("n_kv_head",)
+    reads = fixed_by_weights = ("n_kv_head", "gate", "sinks")
 
     @classmethod
     def with_defaults(cls, attention: AttentionConfig, n_head: int) -> AttentionConfig:
@@ -217,7 +269,9 @@ class SlidingWindowAttention(SDPAttention):
     """Causal attention over the last `window` tokens only (Mistral-style local attention)."""
 
     weight_compatible = False
-    reads = needs = ("window",)
+    reads = ("window", "gate", "sinks")
+    needs = ("window",)
+    fixed_by_weights = ("gate", "sinks")
     DEFAULT_WINDOW = 64  # model.attention.window when the config leaves it null
 
     @classmethod
