@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from model_helpers import tiny_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptmini import GPT
 from gptmini.attention import ATTENTION_REGISTRY, KVCache, build_attention, check_attention_config
@@ -155,8 +156,8 @@ def test_static_cache_gives_the_growing_caches_and_the_uncached_tokens(name):
 
 
 def test_the_sdpa_fast_path_keeps_its_causal_kernel(monkeypatch):
-    """With sinks the full-sequence pass is still one is_causal call (one more key and query, one more head
-    dimension); without them the call is exactly the plain one."""
+    """With sinks the full-sequence pass is still one is_causal call on the fused (flash) kernel, with one more key
+    and query and one more head dimension; without them the call is exactly the plain one."""
     calls = []
     real = F.scaled_dot_product_attention
 
@@ -166,14 +167,14 @@ def test_the_sdpa_fast_path_keeps_its_causal_kernel(monkeypatch):
 
     monkeypatch.setattr(variants_module.F, "scaled_dot_product_attention", spy)
     x = torch.randn(2, 7, 32)
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # no fallback to the unfused math kernel
         make("sdpa", False, False)(x)
         make("sdpa", False, True)(x)
     (q0, k0, v0, plain), (q1, k1, v1, sinks) = calls
     assert plain == {"attn_mask": None, "dropout_p": 0.0, "is_causal": True, "enable_gqa": False}
     assert q0 == k0 == v0 == (2, 4, 7, 8)
     assert sinks["is_causal"] and sinks["attn_mask"] is None and sinks["scale"] == pytest.approx(8**-0.5)
-    assert q1 == k1 == (2, 4, 8, 9) and v1 == (2, 4, 8, 8)
+    assert q1 == k1 == v1 == (2, 4, 8, 9)
 
 
 @pytest.mark.parametrize("name", BOTH)

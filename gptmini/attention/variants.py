@@ -220,28 +220,41 @@ def sdpa_with_sinks(
     The sink is one more key, placed first, whose value is zero. Its score must be the head's sink logit whatever
     the query, so queries and keys get one more head dimension: each query carries its head's sink times √hd
     there (per query head, so grouped key/value heads work), real keys 0 and the sink key 1; `scale` stays
-    1/√hd. On the causal fast path one more query goes first too, so that is_causal's top-left alignment lets
-    query i see the sink and keys 0..i; that query sees only the sink (output 0) and its row is dropped.
+    1/√hd. Values get zero columns up to the same width (the fused kernels want one head size; off the CPU it is
+    rounded up to a multiple of 8), dropped from the output. On the causal fast path one more query goes first
+    too, so that is_causal's top-left alignment lets query i see the sink and keys 0..i; that query sees only the
+    sink (output 0) and its row is dropped.
     """
     if sinks is None:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=enable_gqa
         )
-    B, H, T, hd = q.shape
+    hd = q.size(-1)
+    width = hd + 1 if q.device.type == "cpu" else (hd // 8 + 1) * 8  # the sink's column, then zero padding
     scale = 1.0 / math.sqrt(hd)
-    sink = (sinks.to(q.dtype) / scale).view(1, H, 1, 1).expand(B, H, T, 1)  # (B, H, T, 1)
-    q = torch.cat([q, sink], dim=-1)  # (B, H, T, hd+1)
-    sink_key = F.pad(k.new_ones(B, k.size(1), 1, 1), (hd, 0))  # (B, H_kv, 1, hd+1): (0, ..., 0, 1)
-    k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)  # (B, H_kv, 1+Tk, hd+1)
-    v = F.pad(v, (0, 0, 1, 0))  # (B, H_kv, 1+Tk, hd): the sink adds no value
+    lead = 1 if causal else 0  # the extra query in front, on the causal path
+    q = _widened(q, width, lead)  # (B, H, lead+T, width)
+    q[:, :, lead:, hd] = sinks.to(q.dtype).view(-1, 1) / scale  # each query head's sink logit times √hd
+    k = _widened(k, width, 1)  # (B, H_kv, 1+Tk, width): the sink key first ...
+    k[:, :, 0, hd] = 1.0  # ... (0, ..., 0, 1, 0, ...)
+    v = _widened(v, width, 1)  # (B, H_kv, 1+Tk, width): the sink adds no value
     if mask is not None:
         mask = torch.cat([mask.new_ones(*mask.shape[:-1], 1), mask], dim=-1)  # (..., T, 1+Tk): all see the sink
-    if causal:
-        q = F.pad(q, (0, 0, 1, 0))  # (B, H, 1+T, hd+1)
     y = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=enable_gqa
-    )  # (B, H, T or 1+T, hd)
-    return y[:, :, 1:] if causal else y
+    )  # (B, H, lead+T, width)
+    return y[:, :, lead:, :hd]
+
+
+def _widened(x: Tensor, width: int, lead: int) -> Tensor:
+    """x (B, h, n, d) in a zero tensor (B, h, lead+n, width): `lead` zero rows in front, zero columns after. One
+    copy of x (F.pad and torch.cat would fill, then copy again)."""
+    B, h, n, d = x.shape
+    out = x.new_empty(B, h, lead + n, width)
+    out[:, :, :lead].zero_()
+    out[:, :, lead:, d:].zero_()
+    out[:, :, lead:, :d] = x
+    return out
 
 
 @register_attention("gqa")
