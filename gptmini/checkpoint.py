@@ -274,8 +274,8 @@ def load_for_inference(
 # How a setting that the weights fix is named in the message refusing another value.
 _FIXED_BY_WEIGHTS = {
     "n_kv_head": "key/value heads are",
-    "gate": "the output gate (its weights) is",
-    "sinks": "the attention sinks (their logits) are",
+    "gate": "an output gate is",
+    "sinks": "attention sinks are",
 }
 
 

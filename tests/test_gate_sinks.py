@@ -211,7 +211,7 @@ def test_checkpoints_refuse_what_their_weights_cannot_serve(tmp_path):
                                               r"model.attention.gate=true: torch_mha does not read it"):
         load_for_inference(path, attention=AttentionConfig("torch_mha"))
     with pytest.raises(CheckpointError, match=r"model.attention.sinks=true does not match the checkpoint's "
-                                              r"sinks=false; the attention sinks \(their logits\) are fixed"):
+                                              r"sinks=false; attention sinks are fixed by the weights"):
         load_for_inference(path, attention=AttentionConfig("mha", sinks=True))
 
 
