@@ -255,3 +255,24 @@ def test_gpt2_export_refuses_them(key):
     with pytest.raises(ValueError, match=rf"^cannot export a model with model.attention.{key}=true as a Hugging "
                                          rf"Face GPT-2: it has no "):
         check_exportable(cfg, {"kind": "tiktoken", "encoding": "gpt2"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU (python -m pytest -m gpu)")
+@pytest.mark.parametrize("name", BOTH)
+def test_gate_and_sinks_on_the_gpu_match_the_reference(name):
+    """The GPU kernels (sdpa's fused ones with the widened head, flex's compiled kernel and its log-sum-exp),
+    forward and backward, against the float64 reference; head size 16, as flex's GPU kernel needs."""
+    torch.manual_seed(0)
+    module = make(name, True, True, n_embd=64).cuda().train()
+    x = torch.randn(2, 16, 64, device="cuda", requires_grad=True)
+    target = torch.randn(2, 16, 64)
+    y = module(x)[0]
+    (y * target.cuda()).sum().backward()
+    sd = {key: value.detach().cpu().double().requires_grad_(True) for key, value in module.state_dict().items()}
+    x_ref = x.detach().cpu().double().requires_grad_(True)
+    y_ref = reference(sd, x_ref, module.n_head, module.window)[0]
+    (y_ref * target.double()).sum().backward()
+    torch.testing.assert_close(y.detach().cpu().double(), y_ref.detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(x.grad.cpu().double(), x_ref.grad, atol=1e-4, rtol=0)
+    torch.testing.assert_close(module.sinks.grad.cpu().double(), sd["sinks"].grad, atol=1e-4, rtol=0)
