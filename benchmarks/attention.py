@@ -18,6 +18,8 @@ T // 4 unless told otherwise.
   events recorded by `torch.profiler(profile_memory=True)` are replayed in order (an untimed extra call; it
   reads a private profiler API and shows n/a if that ever breaks).
 - Compiled rows (`torch.compile`) by default on CUDA only; CPU compilation is slow, `--compile` turns it on.
+- `--options sinks gate+sinks`: each variant that reads those settings (model.attention.gate, .sinks) is timed
+  again with them on, as rows `sdpa+sinks`, in the same rounds as its plain row (sink logits drawn at random).
 
 The markdown table goes to stdout and into the `attention` section of benchmarks/RESULTS.md (`--no-write`: not).
 """
@@ -66,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed calls before those (GPU 5, CPU 2)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="also torch.compile (default: on CUDA)")
     p.add_argument("--variants", nargs="+", choices=tuple(ATTENTION_REGISTRY), default=list(ATTENTION_REGISTRY))
+    p.add_argument("--options", nargs="+", default=[], metavar="OPTION[+OPTION]",
+                   help="also time the variants that read them with these settings on: gate, sinks, gate+sinks")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.device].items():
@@ -75,35 +79,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         kv = max(args.heads // 4, 2)
         args.kv_heads = kv if args.heads % kv == 0 else 1
     args.window = args.window or max(args.seq // 4, 1)
+    args.options = [tuple(item.split("+")) for item in args.options]
+    for options in args.options:
+        if not set(options) <= {"gate", "sinks"}:
+            p.error(f"--options {'+'.join(options)}: only gate and sinks (joined by +) are options")
     # mha is the baseline of the speed columns and the reference of the cross-check, so it always runs (first).
     args.variants = ["mha"] + [name for name in dict.fromkeys(args.variants) if name != "mha"]
     return args
 
 
-def model_config(args: argparse.Namespace, name: str) -> ModelConfig:
+def model_config(args: argparse.Namespace, name: str, options: tuple[str, ...] = ()) -> ModelConfig:
     """The benchmark's shape; the key/value heads and the window go to the variants that read them."""
     reads = ATTENTION_REGISTRY[name].reads
     attention = AttentionConfig(
         name,
         n_kv_head=args.kv_heads if "n_kv_head" in reads else None,
         window=args.window if "window" in reads else None,
+        gate="gate" in options, sinks="sinks" in options,
     )
     return ModelConfig(n_head=args.heads, n_embd=args.embd, block_size=args.seq, dropout=0.0, attention=attention)
 
 
 def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, Attention]:
     """Every requested variant, all on one set of weights where the layout and shapes allow (not gqa's fewer
-    key/value heads, nor the variants with parameters of their own)."""
-    torch.manual_seed(0)
-    shared = build_attention(model_config(args, "mha")).state_dict()  # the canonical layout every variant reads
+    key/value heads, nor the variants with parameters of their own); then, for each `--options` set, every variant
+    that reads it, labelled `name+option`."""
     modules = {}
-    for name in args.variants:
+    for options in [(), *args.options]:
         torch.manual_seed(0)
-        module = build_attention(model_config(args, name))
-        mine = module.state_dict()
-        if mine.keys() == shared.keys() and all(mine[k].shape == shared[k].shape for k in mine):
-            module.load_state_dict(shared)  # every variant in mha's layout and shapes runs mha's weights
-        modules[name] = module.to(device)
+        shared = build_attention(model_config(args, "mha", options)).state_dict()  # the canonical layout
+        for name in args.variants:
+            if not set(options) <= set(ATTENTION_REGISTRY[name].reads):
+                continue
+            torch.manual_seed(0)
+            module = build_attention(model_config(args, name, options))
+            mine = module.state_dict()
+            if mine.keys() == shared.keys() and all(mine[k].shape == shared[k].shape for k in mine):
+                module.load_state_dict(shared)  # every variant in mha's layout and shapes runs mha's weights
+            if module.sinks is not None:
+                with torch.no_grad():
+                    module.sinks.copy_(torch.randn(args.heads, generator=torch.Generator().manual_seed(1)))
+            modules["+".join((name, *options))] = module.to(device)
     return modules
 
 
@@ -117,7 +133,8 @@ def mha_reference(module: Attention, args: argparse.Namespace, device: torch.dev
             q, k, v = sd[key].split([C, kv * hd, kv * hd])
             k, v = (t.unflatten(0, (kv, hd)).repeat_interleave(args.heads // kv, dim=0).flatten(0, 1) for t in (k, v))
             sd[key] = torch.cat([q, k, v])
-    reference = build_attention(model_config(args, "mha")).to(device)
+    options = tuple(key for key in ("gate", "sinks") if getattr(module.config.attention, key))
+    reference = build_attention(model_config(args, "mha", options)).to(device)
     reference.load_state_dict(sd)
     if module.window is not None:
         reference.mask = ~causal_keep_mask(args.seq, args.seq, device, module.window)  # True = masked out
@@ -297,6 +314,8 @@ def markdown(results: dict[tuple[str, str], dict], args: argparse.Namespace, dev
         "fp32 (bf16 halves it), from the variant's own cache (`Attention.new_cache`); a constant state says so.",
         "- vs mha: mha time / variant time in the same mode (higher is faster). "
         f"Peak MiB: allocated above weights and input during one call ({memory}).",
+        *([f"- Rows `name+option`: the variant with model.attention.<option>=true (random sink logits), timed in the "
+             f"same rounds as its plain row: {', '.join('+'.join(o) for o in args.options)}."] if args.options else []),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * (1 + with_mode) + "--:|" * (len(header) - 1 - with_mode),

@@ -287,7 +287,11 @@ def load_for_inference(
 
 
 # How a setting that the weights fix is named in the message refusing another value.
-_FIXED_BY_WEIGHTS = {"n_kv_head": "key/value heads are", "gate": "the output gate is", "sinks": "the sink logits are"}
+_FIXED_BY_WEIGHTS = {
+    "n_kv_head": "key/value heads are",
+    "gate": "an output gate is",
+    "sinks": "attention sinks are",
+}
 
 
 def _shown(value: object) -> str:
@@ -303,6 +307,7 @@ def swap_attention(trained: AttentionConfig, wanted: AttentionConfig,
     window 4 and run as `model/attention=swa` still sees 4 tokens, unless the user typed model.attention.window.
     With a pattern (model.attention.layers) on either side, each of the model's n_layer layers is swapped alone (every
     layer's two variants the same, or both weight-compatible) and the result is the pattern of every layer.
+    Switches the weights fix (gate, sinks) always follow the checkpoint (see `_keep_switches`).
     """
     if trained.layers is None and wanted.layers is None:
         return _swap_variant(trained, wanted)
@@ -320,6 +325,13 @@ def swap_attention(trained: AttentionConfig, wanted: AttentionConfig,
 
 def _swap_variant(trained: AttentionConfig, wanted: AttentionConfig, where: str = "") -> AttentionConfig:
     """swap_attention for one variant on each side (`where`: which layer of a pattern, for the message)."""
+    compatible = weight_compatible_variants()
+    if wanted.name != trained.name and (wanted.name not in compatible or trained.name not in compatible):
+        raise CheckpointError(
+            f"model/attention={wanted.name} cannot run weights trained with {trained.name!r}{where}: only these "
+            f"variants are interchangeable: {', '.join(compatible)}"
+        )
+    wanted = _keep_switches(trained, wanted, where)
     if wanted.name == trained.name:
         cls = attention_class(wanted.name)
         # null (a size) or false (a switch: gate, sinks) is what the YAML groups leave: the checkpoint's own value
@@ -333,11 +345,30 @@ def _swap_variant(trained: AttentionConfig, wanted: AttentionConfig, where: str 
                     f"{key}={_shown(getattr(trained, key))}{where}; {_FIXED_BY_WEIGHTS.get(key, key)} fixed by the "
                     f"weights"
                 )
-        return wanted
-    compatible = weight_compatible_variants()
-    if wanted.name not in compatible or trained.name not in compatible:
-        raise CheckpointError(
-            f"model/attention={wanted.name} cannot run weights trained with {trained.name!r}{where}: only these "
-            f"variants are interchangeable: {', '.join(compatible)}"
-        )
+    return wanted
+
+
+def _keep_switches(trained: AttentionConfig, wanted: AttentionConfig, where: str = "") -> AttentionConfig:
+    """`wanted` with the checkpoint's on/off settings that its weights fix (model.attention.gate, sinks).
+
+    The YAML groups spell them `false`, which cannot be told from a typed false, so a checkpoint with them on
+    keeps them on (its weights need them) in any variant that reads them; one trained without them refuses a
+    typed `true` (there are no weights to run it with)."""
+    cls = attention_class(wanted.name)
+    for key in attention_class(trained.name).fixed_by_weights:
+        if not isinstance(getattr(trained, key), bool):
+            continue
+        if getattr(trained, key) and key not in cls.reads:
+            readers = [name for name in weight_compatible_variants() if key in attention_class(name).reads]
+            raise CheckpointError(
+                f"model/attention={wanted.name} cannot run weights trained with model.attention.{key}=true{where}: "
+                f"{wanted.name} does not read it; use one that does ({', '.join(readers) or 'none'})"
+            )
+        if getattr(wanted, key) and not getattr(trained, key):
+            raise CheckpointError(
+                f"model.attention.{key}=true does not match the checkpoint's {key}=false{where}; "
+                f"{_FIXED_BY_WEIGHTS.get(key, key)} fixed by the weights"
+            )
+        if key in cls.reads:
+            wanted = dataclasses.replace(wanted, **{key: getattr(trained, key)})
     return wanted

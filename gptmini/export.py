@@ -4,12 +4,12 @@ The folder loads with `transformers.GPT2LMHeadModel.from_pretrained(DIR)` (and t
 `AutoTokenizer.from_pretrained(DIR)`) and computes what the gptmini model computes: the inverse of
 gptmini.pretrained, so Hugging Face -> gptmini -> Hugging Face gives back the same tensors bit for bit.
 
-Only what GPT-2's architecture can express is exported; RoPE, QK-norm, ReLU², a logit soft-cap, and attention
-variants that change the function (gqa, swa) are refused in one line. A bias-free model (`model.bias=false`) is
-exported with zero biases, which computes exactly the same thing. The tokenizer files (vocab.json, merges.txt,
-tokenizer_config.json) are generated from tiktoken's gpt2 encoding, byte for byte OpenAI's originals, so nothing is
-downloaded; a model over any other vocabulary (char, bytes, other tiktoken encodings) is refused, since a Hugging
-Face folder without its tokenizer would be unusable.
+Only what GPT-2's architecture can express is exported; RoPE, QK-norm, ReLU², a logit soft-cap, an output gate or
+attention sinks, and variants that change the function (gqa, swa) are refused in one line. A bias-free model
+(`model.bias=false`) is exported with zero biases, which computes exactly the same thing. The tokenizer files
+(vocab.json, merges.txt, tokenizer_config.json) are generated from tiktoken's gpt2 encoding, byte for byte OpenAI's
+originals, so nothing is downloaded; a model over any other vocabulary (char, bytes, other tiktoken encodings) is
+refused, since a Hugging Face folder without its tokenizer would be unusable.
 """
 
 from __future__ import annotations

@@ -72,6 +72,8 @@ def gpt2_refusal(cfg: ModelConfig) -> tuple[str, str] | None:
         (cfg.logit_softcap is not None, f"model.logit_softcap={cfg.logit_softcap}", "does not cap logits"),
         (any(name not in compatible for name in attention.layer_names(cfg.n_layer)), shown,
          f"has full multi-head attention, as the variants {', '.join(compatible)} compute"),
+        (cfg.attention.gate, "model.attention.gate=true", "has no output gate (its format holds no gate_proj)"),
+        (cfg.attention.sinks, "model.attention.sinks=true", "has no attention sinks (its format holds no sinks)"),
     ]
     return next(((setting, why) for refused, setting, why in refusals if refused), None)
 

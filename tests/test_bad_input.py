@@ -19,6 +19,8 @@ import torch
 
 from gptmini.checkpoint import load_checkpoint, save_checkpoint
 from gptmini.cli import one_line
+from gptmini.config import ModelConfig
+from gptmini.model import GPT
 from gptmini.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,6 +68,10 @@ def world(tmp_path_factory) -> dict[str, Path]:
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     state["model"]["wte.weight"][0, 0] = float("nan")
     save_checkpoint(state, root / "nan.pt")
+    for key in ("gate", "sinks"):  # the run's model with an output gate / attention sinks (GPT-2 holds neither)
+        model = dict(state["config"]["model"], attention={**state["config"]["model"]["attention"], key: True})
+        weights = GPT(ModelConfig(**model)).state_dict()
+        save_checkpoint({**state, "model": weights, "config": {**state["config"], "model": model}}, root / f"{key}.pt")
     hf = hf_gpt2(vocab_size=211)
     with torch.no_grad():
         hf.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
@@ -277,6 +283,19 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
          "attention variant 'mla' cannot apply QK-norm"),
         ("train: kv_rank with sdpa", trainer("model.attention.kv_rank=8"),
          "model.attention.kv_rank=8 is ignored by attention variant 'sdpa'; only mla reads it"),
+        ("train: output gate with torch_mha", trainer("model/attention=torch_mha", "model.attention.gate=true"),
+         "model.attention.gate=true is ignored by attention variant 'torch_mha'"),
+        ("train: attention sinks with torch_mha", trainer("model/attention=torch_mha", "model.attention.sinks=true"),
+         "model.attention.sinks=true is ignored by attention variant 'torch_mha'"),
+        ("train: attention sinks not a boolean", trainer("model.attention.sinks=maybe"),
+         "model.attention.sinks=maybe"),
+        ("generate: output gate on a checkpoint without one",
+         [*gen, "model/attention=mha", "model.attention.gate=true"],
+         "model.attention.gate=true does not match the checkpoint's gate=false"),
+        ("export: a checkpoint with an output gate", [*EXPORT, f"ckpt={root / 'gate.pt'}", f"out={root / 'hf'}"],
+         "cannot export a model with model.attention.gate=true as a Hugging Face GPT-2"),
+        ("export: a checkpoint with attention sinks", [*EXPORT, f"ckpt={root / 'sinks.pt'}", f"out={root / 'hf'}"],
+         "cannot export a model with model.attention.sinks=true as a Hugging Face GPT-2"),
     ]
 
 

@@ -14,8 +14,9 @@ State dicts are portable. Every variant saves its parameters in one canonical la
     qkv.bias    (C + 2*C_kv,)     when config.bias
     out_proj.weight (C, C), out_proj.bias (C,)
 
-(the same layout as `nn.MultiheadAttention.in_proj_weight`), and converts to and from its own internal layout in
-state-dict hooks. So a model trained with `sdpa` loads into `mha` to look at its attention weights.
+(the same layout as `nn.MultiheadAttention.in_proj_weight`), plus `gate_proj.*` and `sinks` when
+model.attention.gate / sinks are on, and converts to and from its own internal layout in state-dict hooks. So a
+model trained with `sdpa` loads into `mha` to look at its attention weights.
 
 Modules: `core` (the base classes, registry, masks, RoPE and QK-norm), `cache` (the per-layer KV caches), `variants`
 (every variant but flex, mla, linear and diff), `flex`, `mla` (multi-head latent attention, with its own state dict

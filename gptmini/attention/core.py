@@ -321,7 +321,7 @@ class PackedQKVBase(Attention):
         groups = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, Tk, hd)
         keep = self.keep_mask(q.size(2), k.size(2), q.device, docs)  # (Tq, Tk), or (B, 1, Tq, Tk) with docs
-        return math_attention(q, k, v, keep, self.attn_dropout)
+        return math_attention(q, k, v, keep, self.attn_dropout, self.sinks)
 
 
 class SeparateQKVBase(Attention):

@@ -39,6 +39,7 @@ class FlexAttention(PackedQKVBase):
 
     trains_on_cpu = has_dropout = False  # torch 2.13: no CPU backward, no dropout inside the kernel
     doc_mask = True  # a block mask built from the document numbers (model.doc_mask)
+    reads = fixed_by_weights = ("gate", "sinks")
     compiled_backend = "flex"  # compiled on GPUs: the profiler sees Inductor's kernels, not FlexAttention's op
 
     def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
@@ -91,10 +92,27 @@ class FlexAttention(PackedQKVBase):
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H, Tk, hd) x2
         if return_weights:
             y, weights = self.weights_path(q, k, v, docs)
-            return self.out_proj(merge_heads(y)), weights
-        mask = self.block_mask(q.size(2), k.size(2), x.device, docs)
-        y = _flex_kernel(x.device.type)(q, k, v, block_mask=mask)  # (B, H, T, hd)
-        return self.out_proj(merge_heads(y)), None
+            return self.project_out(merge_heads(y), x), weights
+        block_mask = self.block_mask(q.size(2), k.size(2), x.device, docs)
+        if self.sinks is None:
+            y = _flex_kernel(x.device.type)(q, k, v, block_mask=block_mask)  # (B, H, T, hd)
+        else:
+            y = flex_with_sinks(_flex_kernel(x.device.type), q, k, v, block_mask, self.sinks)
+        return self.project_out(merge_heads(y), x), None
+
+
+def flex_with_sinks(
+    kernel: Callable[..., Any], q: Tensor, k: Tensor, v: Tensor, block_mask: Any, sinks: Tensor
+) -> Tensor:
+    """FlexAttention (q, k, v (B, H, T, hd)) with each head's sink logit (sinks (H,)) in every softmax denominator.
+
+    A sink s joins a row whose scores have log-sum-exp L: every weight shrinks by Z / (Z + e^s) = sigmoid(L - s),
+    and the sink adds no value, so the output is the kernel's output times sigmoid(L - s), exactly."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    y, aux = kernel(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))  # (B, H, T, hd), lse (B, H, T)
+    share = torch.sigmoid(aux.lse.float() - sinks.float().view(1, -1, 1))  # (B, H, T): what the sink leaves
+    return (y * share.unsqueeze(-1)).type_as(y)
 
 
 # The last document block mask built, with the docs (B, T) it was built from: every layer of one forward gets the

@@ -19,6 +19,7 @@ from gptmini.attention.core import (
     math_attention,
     merge_heads,
     register_attention,
+    softmax_with_sinks,
 )
 from gptmini.config import AttentionConfig, ModelConfig
 
@@ -29,6 +30,7 @@ class MultiHeadAttention(SeparateQKVBase):
     tested against."""
 
     doc_mask = True
+    reads = fixed_by_weights = ("gate", "sinks")
 
     def __init__(self, config: ModelConfig, layer_index: int = 0) -> None:
         super().__init__(config, layer_index)
@@ -52,11 +54,11 @@ class MultiHeadAttention(SeparateQKVBase):
         else:  # model.doc_mask: also every key of another document
             masked = ~self.keep_mask(T, start + T, x.device, docs)  # (B, 1, T, start+T)
         scores = scores.masked_fill(masked, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        weights = softmax_with_sinks(scores, self.sinks)  # (B, H, T, start+T): plain softmax without sinks
         weights = self.attn_dropout(weights)
         y = weights @ v  # (B, H, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.out_proj(y), (weights if return_weights else None)
+        return self.project_out(y, x), (weights if return_weights else None)
 
 
 class CausalHead(nn.Module):
@@ -69,16 +71,21 @@ class CausalHead(nn.Module):
         self.value = nn.Linear(n_embd, head_dim, bias=bias)
         self.dropout = dropout
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, sink: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`sink` (1,): this head's learned sink logit (model.attention.sinks), or None."""
         scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, Tq, Tk)
         scores = scores.masked_fill(~keep, float("-inf"))
-        weights = self.dropout(torch.softmax(scores, dim=-1))
+        weights = self.dropout(softmax_with_sinks(scores[:, None], sink)[:, 0])  # (B, Tq, Tk)
         return weights @ v, weights  # (B, Tq, hd)
 
 
 @register_attention("wrapper")
 class WrapperAttention(Attention):
     """`n_head` independent single-head modules; their outputs are concatenated, then projected."""
+
+    reads = fixed_by_weights = ("gate", "sinks")
 
     # Each head's projections, in the order the canonical `qkv` stacks them.
     _LAYERS = ("query", "key", "value")
@@ -101,10 +108,12 @@ class WrapperAttention(Attention):
         keep = self.keep_mask(x.size(1), k.size(2), x.device, docs)  # (T, Tk), or (B, 1, T, Tk) with docs
         if docs is not None:
             keep = keep[:, 0]  # (B, T, Tk): each head's scores are (B, T, Tk)
-        outs = [head(q[:, i], k[:, i], v[:, i], keep) for i, head in enumerate(self.heads)]
+        sinks = [None] * self.n_head if self.sinks is None else self.sinks.split(1)  # n_head x (1,)
+        outs = [head(q[:, i], k[:, i], v[:, i], keep, sink) for i, (head, sink) in enumerate(zip(self.heads, sinks,
+                                                                                                  strict=True))]
         y = torch.cat([o for o, _ in outs], dim=-1)  # (B, T, C)
         weights = torch.stack([w for _, w in outs], dim=1) if return_weights else None
-        return self.out_proj(y), weights
+        return self.project_out(y, x), weights
 
     def _to_canonical(self, sd, prefix):
         for suffix in ("weight", "bias"):
@@ -132,18 +141,21 @@ class FusedQKV(PackedQKVBase):
     """The `fused_qkv` variant: as `mha`, with one (C, 3C) projection instead of three."""
 
     doc_mask = True
+    reads = fixed_by_weights = ("gate", "sinks")
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H, Tk, hd) x2
         y, weights = math_attention(
-            q, k, v, self.keep_mask(q.size(2), k.size(2), x.device, docs), self.attn_dropout
+            q, k, v, self.keep_mask(q.size(2), k.size(2), x.device, docs), self.attn_dropout, self.sinks
         )
-        return self.out_proj(merge_heads(y)), (weights if return_weights else None)
+        return self.project_out(merge_heads(y), x), (weights if return_weights else None)
 
 
 @register_attention("einsum")
 class EinsumAttention(SeparateQKVBase):
-    """As `mha`, with every contraction (projections included) written as `torch.einsum`."""
+    """As `mha`, with every contraction (projections, output gate included) written as `torch.einsum`."""
+
+    reads = fixed_by_weights = ("gate", "sinks")
 
     doc_mask = True
 
@@ -156,18 +168,21 @@ class EinsumAttention(SeparateQKVBase):
             out = torch.einsum("btc,hdc->bhtd", x, w)  # (B, H, T, hd)
             return out if layer.bias is None else out + layer.bias.view(1, H, 1, hd)
 
+        def linear(t: Tensor, layer: nn.Linear) -> Tensor:
+            out = torch.einsum("btc,oc->bto", t, layer.weight)  # (B, T, C)
+            return out if layer.bias is None else out + layer.bias
+
         q, k, v = project(self.q_proj), project(self.k_proj), project(self.v_proj)
         q, k = self.position_qk(q, rope), self.position_qk(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         keep = self.keep_mask(T, k.size(2), x.device, docs)  # (T, Tk), or (B, 1, T, Tk) with docs
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(hd)  # (B, H, T, Tk)
-        weights = self.attn_dropout(torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1))
+        weights = self.attn_dropout(softmax_with_sinks(scores.masked_fill(~keep, float("-inf")), self.sinks))
         y = torch.einsum("bhqk,bhkd->bqhd", weights, v).reshape(B, T, C)  # (B, T, C)
-        out = torch.einsum("btc,oc->bto", y, self.out_proj.weight)
-        if self.out_proj.bias is not None:
-            out = out + self.out_proj.bias
-        return out, (weights if return_weights else None)
+        if self.gate_proj is not None:  # Attention.project_out's gate, as an einsum
+            y = y * torch.sigmoid(linear(x, self.gate_proj))
+        return linear(y, self.out_proj), (weights if return_weights else None)
 
 
 @register_attention("sdpa")
@@ -177,12 +192,13 @@ class SDPAttention(PackedQKVBase):
 
     static_cache = True  # decodes with a StaticKVCache (the compiled, CUDA-graph-friendly decode path)
     doc_mask = True  # an explicit boolean mask then; the is_causal fast path stays for one document
+    reads = fixed_by_weights = ("gate", "sinks")
 
     def forward(self, x, kv_cache=None, return_weights=False, rope=None, docs=None):
         q, k, v = self.project(x, kv_cache, rope)  # (B, H, T, hd), (B, H_kv, Tk, hd) x2
         if return_weights:
             y, weights = self.weights_path(q, k, v, docs)
-            return self.out_proj(merge_heads(y)), weights
+            return self.project_out(merge_heads(y), x), weights
         T, Tk = q.size(2), k.size(2)
         dropout_p = self.attn_dropout.p if self.training else 0.0
         if isinstance(kv_cache, StaticLayerKVCache):
@@ -195,16 +211,63 @@ class SDPAttention(PackedQKVBase):
             mask, causal = None, False  # one new token sees the whole cache
         else:
             mask, causal = self.keep_mask(T, Tk, x.device), False
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=dropout_p,
-            is_causal=causal,
-            enable_gqa=self.n_kv_head != self.n_head,
+        y = sdpa_with_sinks(
+            q, k, v, mask, causal, dropout_p, self.sinks, enable_gqa=self.n_kv_head != self.n_head
         )  # (B, H, T, hd)
-        return self.out_proj(merge_heads(y)), None
+        return self.project_out(merge_heads(y), x), None
+
+
+def sdpa_with_sinks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    dropout_p: float,
+    sinks: Tensor | None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """F.scaled_dot_product_attention (q (B, H, T, hd), k, v (B, H_kv, Tk, hd) -> (B, H, T, hd)), with each head's
+    sink logit (sinks (H,); None: plain SDPA, untouched) in every softmax denominator: exact, on the same kernels.
+
+    The sink is one more key, placed first, whose value is zero. Its score must be the head's sink logit whatever
+    the query, so queries and keys get one more head dimension: each query carries its head's sink times √hd
+    there (per query head, so grouped key/value heads work), real keys 0 and the sink key 1; `scale` stays
+    1/√hd. Values get zero columns up to the same width (the fused kernels want one head size; off the CPU it is
+    rounded up to a multiple of 8), dropped from the output. On the causal fast path one more query goes first
+    too, so that is_causal's top-left alignment lets query i see the sink and keys 0..i; that query sees only the
+    sink (output 0) and its row is dropped.
+    """
+    if sinks is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=enable_gqa
+        )
+    hd = q.size(-1)
+    width = hd + 1 if q.device.type == "cpu" else (hd // 8 + 1) * 8  # the sink's column, then zero padding
+    scale = 1.0 / math.sqrt(hd)
+    lead = 1 if causal else 0  # the extra query in front, on the causal path
+    q = _widened(q, width, lead)  # (B, H, lead+T, width)
+    q[:, :, lead:, hd] = sinks.to(q.dtype).view(-1, 1) / scale  # each query head's sink logit times √hd
+    k = _widened(k, width, 1)  # (B, H_kv, 1+Tk, width): the sink key first ...
+    k[:, :, 0, hd] = 1.0  # ... (0, ..., 0, 1, 0, ...)
+    v = _widened(v, width, 1)  # (B, H_kv, 1+Tk, width): the sink adds no value
+    if mask is not None:
+        mask = torch.cat([mask.new_ones(*mask.shape[:-1], 1), mask], dim=-1)  # (..., T, 1+Tk): all see the sink
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=enable_gqa
+    )  # (B, H, lead+T, width)
+    return y[:, :, lead:, :hd]
+
+
+def _widened(x: Tensor, width: int, lead: int) -> Tensor:
+    """x (B, h, n, d) in a zero tensor (B, h, lead+n, width): `lead` zero rows in front, zero columns after. One
+    copy of x (F.pad and torch.cat would fill, then copy again)."""
+    B, h, n, d = x.shape
+    out = x.new_empty(B, h, lead + n, width)
+    out[:, :, :lead].zero_()
+    out[:, :, lead:, d:].zero_()
+    out[:, :, lead:, :d] = x
+    return out
 
 
 @register_attention("gqa")
@@ -213,7 +276,7 @@ class GroupedQueryAttention(SDPAttention):
     (`n_kv_head=1` is multi-query attention). The KV cache shrinks by n_head / n_kv_head."""
 
     weight_compatible = False
-    reads = fixed_by_weights = ("n_kv_head",)
+    reads = fixed_by_weights = ("n_kv_head", "gate", "sinks")
 
     @classmethod
     def with_defaults(cls, attention: AttentionConfig, model: ModelConfig) -> AttentionConfig:
@@ -233,7 +296,9 @@ class SlidingWindowAttention(SDPAttention):
     """Causal attention over the last `window` tokens only (Mistral-style local attention)."""
 
     weight_compatible = False
-    reads = needs = ("window",)
+    reads = ("window", "gate", "sinks")
+    needs = ("window",)
+    fixed_by_weights = ("gate", "sinks")
     rolling_cache = True  # new_cache(rolling=True): only the last `window` keys and values (RollingLayerKVCache)
     DEFAULT_WINDOW = 64  # model.attention.window when the config leaves it null
 
