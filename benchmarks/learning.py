@@ -3,6 +3,7 @@ side, and tabulate the runs with the product's own comparison (`python -m gptmin
 
     python benchmarks/learning.py --study attention --data-path input.txt          # every variant, gate, sinks
     python benchmarks/learning.py --study attention --arms sdpa mla --seeds 1 --no-write
+    python benchmarks/learning.py --study layers --data-path input.txt             # patterns, doc mask; 2 corpora
 
 A study is an experiment config and its arms; an arm is a label and the Hydra overrides that make it. The
 `attention` study's arms come from the attention registry: every variant that trains on a CPU (its
@@ -46,9 +47,23 @@ def attention_arms() -> dict[str, list[str]]:
     return arms
 
 
-# Study -> (experiment config, data configs it runs on, a function giving its arms, the baseline arm's group).
+def layer_arms() -> dict[str, list[str]]:
+    """Issue 25's recipes: full attention everywhere, sliding windows everywhere, nanochat's SSSL pattern (three
+    windowed layers, then a full one) and full attention masked per document."""
+    return {
+        "sdpa": ["model/attention=sdpa"],
+        "swa": ["model/attention=swa", "model.attention.window=32"],
+        "SSSL": ["model.attention.layers=[swa:32,swa:32,swa:32,sdpa]"],
+        "sdpa+doc_mask": ["model/attention=sdpa", "model.doc_mask=true"],
+    }
+
+
+# Study -> (experiment config, data configs it runs on, a function giving its arms, the baseline arm's group, the
+# overrides every run of the study shares).
 STUDIES = {
-    "attention": ("attention_cpu", ["shakespeare_char"], attention_arms, "sdpa"),
+    "attention": ("attention_cpu", ["shakespeare_char"], attention_arms, "sdpa", []),
+    "layers": ("attention_cpu", ["python_stdlib", "shakespeare_char"], layer_arms, "sdpa",
+               ["model.pos_encoding=rope"]),
 }
 
 
@@ -72,7 +87,7 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
 
 def run_study(args: argparse.Namespace, data: str, work: Path, env: dict[str, str]) -> list[Path]:
     """Every arm for every seed on one corpus; the run directories that finished."""
-    experiment, _, arms_of, _ = STUDIES[args.study]
+    experiment, _, arms_of, _, shared = STUDIES[args.study]
     arms = arms_of()
     names = [a for a in arms if not args.arms or a in args.arms]
     data_args = [f"data={data}", f"data_dir={work / 'data'}"]
@@ -86,8 +101,8 @@ def run_study(args: argparse.Namespace, data: str, work: Path, env: dict[str, st
     for seed in range(1, args.seeds + 1):
         for name in names if seed % 2 else names[::-1]:
             run_dir = work / data / f"{name}-seed{seed}"
-            cmd = [sys.executable, "train.py", f"experiment={experiment}", *arms[name], *data_args, *args.override,
-                   f"train.seed={seed}", f"hydra.run.dir={run_dir}"]
+            cmd = [sys.executable, "train.py", f"experiment={experiment}", *shared, *arms[name], *data_args,
+                   *args.override, f"train.seed={seed}", f"hydra.run.dir={run_dir}"]
             load = os.getloadavg()[0]
             seconds, code, tail = run(cmd, env)
             print(f"{data} {name:>14} seed {seed}: {seconds:6.1f} s, exit {code}, load before {load:.2f}", flush=True)
@@ -99,7 +114,7 @@ def run_study(args: argparse.Namespace, data: str, work: Path, env: dict[str, st
 
 
 def report(args: argparse.Namespace, tables: dict[str, str], command: str) -> str:
-    experiment, _, arms_of, _ = STUDIES[args.study]
+    experiment, _, arms_of, _, shared = STUDIES[args.study]
     arms = arms_of()
     listed = "; ".join(f"{name}: `{' '.join(o)}`" for name, o in arms.items() if not args.arms or name in args.arms)
     sections = "\n".join(f"### data={data}\n\n{table}" for data, table in tables.items())
@@ -108,8 +123,9 @@ def report(args: argparse.Namespace, tables: dict[str, str], command: str) -> st
 `{command}` on {machine()}.
 
 - Arms: {listed}.
-- Every run: `python train.py experiment={experiment} <arm> train.seed=<seed>`, a fresh process; seeds
-  1..{args.seeds}, the arms' order alternating seed by seed. Same steps, batch and schedule for every arm.
+- Every run: `python train.py experiment={experiment} {' '.join(shared)} <arm> train.seed=<seed>`, a fresh
+  process; seeds 1..{args.seeds}, the arms' order alternating seed by seed. Same steps, batch and schedule for
+  every arm.
 - Final val loss: the run's whole-val evaluation at the end (every position of the val split, windows of
   block_size). Wall time: the run's own record (start to end, start-up and final evaluation included), as
   `gptmini.compare` reads it. p: Welch's t-test against the baseline's group.
@@ -119,7 +135,7 @@ def report(args: argparse.Namespace, tables: dict[str, str], command: str) -> st
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    _, corpora, _, baseline = STUDIES[args.study]
+    _, corpora, _, baseline, _ = STUDIES[args.study]
     env = dict(os.environ, TQDM_DISABLE="1", HYDRA_FULL_ERROR="1")
     work = Path(tempfile.mkdtemp(prefix=f"learning-{args.study}-"))
     tables = {}
