@@ -14,9 +14,10 @@ from hydra import compose, initialize_config_dir
 
 import gptmini.device
 from gptmini.cli import to_dataclass
-from gptmini.config import EvalOptions, EvaluateConfig, register_configs
+from gptmini.config import EvalOptions, EvaluateConfig, GenerateConfig, register_configs
 from gptmini.device import CPU_BF16_MIN_EMBD, cpu_autocast_dtype, dtype_choice
 from gptmini.evaluate import run_evaluation
+from gptmini.generate_command import run_generation
 from gptmini.paths import LOG_FILE
 from gptmini.trainer import train
 
@@ -99,14 +100,21 @@ def test_training_prints_the_dtype_choice_and_its_phase_times(cpu, tmp_path, n_e
     assert "time: " in lines[-2] and "start-up " in lines[-2] and "training " in lines[-2]
     assert "(2 steps), evaluation " in lines[-2] and "checkpoints " in lines[-2]
     # evaluate's dtype=auto makes the same choice for the checkpoint's model, and says so on stderr
+    # evaluate's eval.dtype=auto and generate's dtype=auto make the same choice for the checkpoint's model, and
+    # say so on stderr (generate's stdout is the sample)
     err = io.StringIO()
     sys_stderr, sys.stderr = sys.stderr, err
     try:
         out = run_evaluation(EvaluateConfig(ckpt=str(tmp_path / "run"),
                                             eval=EvalOptions(window=8, device="cpu", dtype="auto")), io.StringIO())
+        said = err.getvalue()
+        sample = io.StringIO()
+        run_generation(GenerateConfig(ckpt=str(tmp_path / "run"), prompt="the", max_new_tokens=3, device="cpu",
+                                      dtype="auto"), sample)
     finally:
         sys.stderr = sys_stderr
-    assert f"dtype: {want} (auto: " in err.getvalue()
+    assert said.count(f"dtype: {want} (auto: ") == 1
+    assert err.getvalue().count(f"dtype: {want} (auto: ") == 2 and "dtype" not in sample.getvalue()
     if want == "float32":  # the same numbers as the run's own final evaluation
         assert out.loss == pytest.approx(result.final_val_loss, abs=1e-6)
 
