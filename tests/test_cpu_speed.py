@@ -130,3 +130,25 @@ def test_the_training_path_imports_no_heavy_library_it_does_not_use():
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_speedrun_benchmark_reads_the_phase_line_the_trainer_writes(monkeypatch):
+    """benchmarks/speedrun.py tabulates each run's phases from the `time:` line: the two must agree."""
+    import time
+
+    from gptmini.phases import PhaseClock
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import speedrun
+
+    clock = PhaseClock(origin=time.perf_counter() - 3.0)
+    clock.loop_started()
+    with clock.phase("evaluation"):
+        pass
+    clock.seconds["evaluation"], clock.seconds["checkpoints"] = 0.5, 0.25
+    line = clock.summary(steps=360)
+    found = speedrun.PHASES.search(f"[2026-12-03 10:00:00] {line}")
+    assert found is not None, line
+    total, start_up, training, evaluation, checkpoints = map(float, found.groups())
+    assert total >= start_up >= 3.0 and (evaluation, checkpoints) == (0.5, 0.25) and training >= 0.0
+    assert len(found.groups()) == len(speedrun.PHASE_NAMES)
