@@ -41,12 +41,15 @@ MODELS = {
     # model.vocab_multiple=64: embedding and head padded to 50304 rows (nanoGPT's choice), the logits still 50257
     "gpt2-pad64": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, vocab_multiple=64),
     # Between default and baby, for the CPU bf16 rule (benchmarks/RESULTS.md, "bf16 autocast on CPUs")
+    "w160": ModelConfig(n_layer=4, n_head=4, n_embd=160, block_size=128, vocab_size=223),
     "w192": ModelConfig(n_layer=4, n_head=4, n_embd=192, block_size=128, vocab_size=223),
     "w256": ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=128, vocab_size=223),
     "speedrun": ModelConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=66),
 }
-BATCH = {"cpu": {"default": 16, "baby": 8, "gpt2": 1, "gpt2-pad64": 1, "w192": 16, "w256": 16, "speedrun": 16},
-         "cuda": {"default": 64, "baby": 64, "gpt2": 16, "gpt2-pad64": 16, "w192": 64, "w256": 64, "speedrun": 64}}
+BATCH = {"cpu": {"default": 16, "baby": 8, "gpt2": 1, "gpt2-pad64": 1, "w160": 16, "w192": 16, "w256": 16,
+                 "speedrun": 16},
+         "cuda": {"default": 64, "baby": 64, "gpt2": 16, "gpt2-pad64": 16, "w160": 64, "w192": 64, "w256": 64,
+                  "speedrun": 64}}
 # Issue 13's GPU goal for GPT-2 124M (bf16, compiled, 16x1024 micro-batches x 4): nanoGPT on an H100 measured
 # 460,000 tok/s (40.3% MFU); gptmini should reach >= 1.15x that and >= 46% MFU. Printed beside GPU results.
 GPT2_GOAL = "goal (H100, issue 13): >= 529,000 tok/s (1.15x nanoGPT's 460,000) and >= 46% MFU"

@@ -153,10 +153,10 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
 
 
 # bf16 autocast on a CPU with native bf16 pays only for wide enough layers: for narrow ones the casts of weights,
-# activations and gradients cost more than the faster matmuls save. Measured side by side (benchmarks/train.py
-# --dtypes float32 bfloat16; benchmarks/RESULTS.md, "bf16 autocast on CPUs"): n_embd 128 is slower in bf16,
-# 384 (the baby model) 1.9x faster.
-CPU_BF16_MIN_EMBD = 256
+# activations and gradients cost more than the faster matmuls save. Measured side by side on a 2-core AMX Xeon
+# (benchmarks/train.py --dtypes float32 bfloat16, 4 layers, 16 x 128 tokens; benchmarks/RESULTS.md, "CPU speed"):
+# n_embd 128 is 7-18 % slower in bf16, 160 1.1x faster, 192 1.3x, 256 1.7x, 384 (the baby model) 2.1x.
+CPU_BF16_MIN_EMBD = 192
 
 
 def cpu_autocast_dtype(native: bool, n_embd: int | None, min_embd: int = CPU_BF16_MIN_EMBD) -> tuple[str, str]:

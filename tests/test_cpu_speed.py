@@ -45,6 +45,7 @@ def cpu(monkeypatch):
     (True, CPU_BF16_MIN_EMBD, "bfloat16"),
     (True, CPU_BF16_MIN_EMBD - 1, "float32"),
     (True, 128, "float32"),  # the default model: slower in bf16 on the same Xeon
+    (True, 256, "bfloat16"),
     (False, 768, "float32"),  # emulated bf16 is slower at any width
     (False, 64, "float32"),
     (True, None, "float32"),  # no model to judge by
@@ -85,7 +86,7 @@ def tiny_run(tmp: Path, *overrides: str):
         ]))
 
 
-@pytest.mark.parametrize(("n_embd", "want"), [(16, "float32"), (256, "bfloat16")])
+@pytest.mark.parametrize(("n_embd", "want"), [(16, "float32"), (CPU_BF16_MIN_EMBD, "bfloat16")])
 def test_training_prints_the_dtype_choice_and_its_phase_times(cpu, tmp_path, n_embd, want):
     cpu(SAPPHIRE_RAPIDS)
     cfg = tiny_run(tmp_path, f"model.n_embd={n_embd}")
@@ -93,7 +94,8 @@ def test_training_prints_the_dtype_choice_and_its_phase_times(cpu, tmp_path, n_e
     lines = (tmp_path / "run" / LOG_FILE).read_text().splitlines()
     device = [line for line in lines if "device: CPU" in line]
     assert len(device) == 1, lines
-    reason = "native bf16 and n_embd=256 >= 256" if want == "bfloat16" else "n_embd=16 < 256: too narrow"
+    m = CPU_BF16_MIN_EMBD
+    reason = f"native bf16 and n_embd={m} >= {m}" if want == "bfloat16" else f"n_embd=16 < {m}: too narrow"
     assert f"; dtype: {want} (auto: " in device[0] and reason in device[0]
     # The phase times come just before the final line, which stays last (benchmarks/speedrun.py reads both).
     assert lines[-1].endswith(f"final val loss {result.final_val_loss:.4f} (whole split, window 8)")
