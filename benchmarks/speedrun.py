@@ -39,6 +39,10 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"final val loss (\d+\.\d+) \(whole split, window (\d+)\)")
+# The trainer's phase line (gptmini.phases), just before the final line
+PHASES = re.compile(r"time: ([\d.]+) s since gptmini loaded: start-up ([\d.]+) s, training ([\d.]+) s \(\d+ steps\), "
+                    r"evaluation ([\d.]+) s, checkpoints ([\d.]+) s")
+PHASE_NAMES = ("in all", "start-up", "training", "evaluation", "checkpoints")
 EVALUATED = re.compile(r"val loss (\d+\.\d+), perplexity (\d+\.\d+)")
 
 
@@ -51,6 +55,7 @@ class Run:
     last_line: bool  # the final-evaluation line was the last line the process printed
     confirmed: float | None  # the evaluation command's loss on the saved checkpoint
     load: float  # 1-minute load average just before the run
+    phases: tuple[float, ...] | None = None  # the run's own phase seconds (PHASE_NAMES), from its `time:` line
 
     def reached(self, target: float) -> bool:
         return self.loss is not None and self.loss <= target
@@ -59,7 +64,9 @@ class Run:
 # Per device kind: the recipes compared, the target loss, the evaluation window and the goal the output restates.
 PRESETS = {
     "cpu": dict(recipes=["speedrun_cpu", "baseline_cpu"], target=1.90, window=64,
-                goal="speedrun_cpu: whole-val <= 1.90 on 5/5 seeds in <= 40 s (2 cores), baseline_cpu about 100 s"),
+                goal="speedrun_cpu: whole-val <= 1.90 on 5/5 seeds in <= 1/8 of nanoGPT's CPU recipe time (>= 6x on a "
+                     "CPU without native bf16); baseline_cpu (nanoGPT's recipe) >= 1.3x faster than nanoGPT itself "
+                     "(issue 26)"),
     "gpu": dict(recipes=["speedrun_gpu", "baseline_gpu"], target=1.47, window=256,
                 goal="speedrun_gpu: whole-val <= 1.47 on 5/5 seeds in <= 30 s process wall, compile included "
                      "(one H100); nanoGPT's own run on one H100: best checkpoint 1.472 at ~75 s, 196 s in all"),
@@ -80,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, help="evaluation window the recipes use (default: 64 CPU, 256 GPU)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: torch's choice)")
     p.add_argument("--override", nargs="*", default=[], help="extra overrides for every run")
+    p.add_argument("--nanogpt-seconds", type=float,
+                   help="nanoGPT's own wall time for its CPU recipe, measured on this machine in the same sitting: "
+                        "the closing note then gives both recipes' ratio to it")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     p.add_argument("--keep-runs", action="store_true", help="keep the run directories (default: deleted at the end)")
     args = p.parse_args(argv)
@@ -107,7 +117,8 @@ def run_env(threads: int | None) -> dict[str, str]:
 
 
 def timed_run(cmd: list[str], env: dict[str, str]) -> tuple[float | None, float | None, bool, str]:
-    """Run `cmd`; the seconds until its final-evaluation line, that loss, whether it was last, its output."""
+    """Run `cmd`; the seconds until its final-evaluation line, that loss, whether it was last, its last lines
+    (the phase line among them)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = loss = None
@@ -133,6 +144,17 @@ def confirm(run_dir: Path, window: int, env: dict[str, str]) -> float | None:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     match = EVALUATED.search(done.stdout)
     return float(match.group(1)) if match else None
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def load_summary(runs: list[Run]) -> str:
+    loads = [r.load for r in runs]
+    return f"min / median / max {spread(loads, 2)} on {os.cpu_count()} CPUs" if loads else "n/a"
 
 
 def spread(xs: list[float], digits: int) -> str:
@@ -196,11 +218,25 @@ def run_all(args: argparse.Namespace, work: Path, env: dict[str, str]) -> list[R
             load = os.getloadavg()[0]
             seconds, loss, last, tail = timed_run(cmd, env)
             confirmed = confirm(run_dir, args.window, env) if loss is not None else None
-            runs.append(Run(recipe, seed, seconds, loss, last, confirmed, load))
+            phases = PHASES.search(tail)
+            runs.append(Run(recipe, seed, seconds, loss, last, confirmed, load,
+                            tuple(float(x) for x in phases.groups()) if phases else None))
             status = "crashed:\n" + tail if loss is None else (
                 f"{seconds:6.1f} s  loss {loss:.4f}  evaluate: {confirmed}  last line: {last}  load {load:.2f}")
             print(f"{recipe:>16} seed {seed}: {status}", flush=True)
     return runs
+
+
+def phase_table(runs: list[Run], recipes: list[str]) -> str:
+    """Median seconds per phase and recipe, from the runs' phase lines."""
+    rows = ["| recipe | " + " | ".join(f"{name} s" for name in PHASE_NAMES) + " |",
+            "|---|" + "--:|" * len(PHASE_NAMES)]
+    for recipe in recipes:
+        timed = [r.phases for r in runs if r.recipe == recipe and r.phases is not None]
+        if timed:
+            medians = (statistics.median(col) for col in zip(*timed, strict=True))
+            rows.append(f"| `{recipe}` | " + " | ".join(f"{m:.2f}" for m in medians) + " |")
+    return "\n".join(rows)
 
 
 def report(args: argparse.Namespace, runs: list[Run], command: str) -> str:
@@ -218,6 +254,9 @@ def report(args: argparse.Namespace, runs: list[Run], command: str) -> str:
     if len(args.recipes) >= 2 and all(k in medians for k in args.recipes[:2]):
         a, b = args.recipes[:2]
         ratio = f"\nMedian time, `{b}` / `{a}`: **{medians[b] / medians[a]:.2f}×**.\n"
+    if args.nanogpt_seconds:
+        ratio += "".join(f"\nnanoGPT's recipe ({args.nanogpt_seconds:.1f} s, measured beside these runs) / `{r}`: "
+                         f"**{args.nanogpt_seconds / medians[r]:.2f}×**." for r in args.recipes if r in medians) + "\n"
     mismatches = [r for r in runs if r.loss is not None and (r.confirmed is None or abs(r.confirmed - r.loss) > 1e-4)]
     not_last = [r for r in runs if r.loss is not None and not r.last_line]
     checks = (
@@ -237,12 +276,18 @@ Goal: {args.goal}.
   (start-up, imports, training, final checkpoint and whole-val evaluation included; data prepared beforehand).
 - Whole-val loss: mean cross-entropy over the val split in non-overlapping {args.window}-character windows,
   every position counted. Target {args.target:.2f}; seeds 1..{args.seeds}; recipes alternate run by run.
-- Threads: {args.threads or 'torch default'}. The machine is shared with other work; the 1-minute load average
-  just before each run is listed (it includes the tail of the benchmark's own previous run, about 2).
+- Threads: {args.threads or 'torch default'} ({torch_threads()} here). The machine may be shared with other work;
+  the 1-minute load average just before each run is listed (it includes the tail of the benchmark's own previous
+  run, about 2): {load_summary(runs)}.
 {checks}
 
 {table}
 {ratio}
+Where the seconds go (median per recipe of each run's own `time:` line; start-up: from gptmini's import to the
+first step; training: the loop less evaluation and checkpoints; the whole-val evaluation is in evaluation):
+
+{phase_table(runs, args.recipes)}
+
 <details><summary>Every run</summary>
 
 {chr(10).join(per_run)}

@@ -42,9 +42,16 @@ MODELS = {
     "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
     # model.vocab_multiple=64: embedding and head padded to 50304 rows (nanoGPT's choice), the logits still 50257
     "gpt2-pad64": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, vocab_multiple=64),
+    # Between default and baby, for the CPU bf16 rule (benchmarks/RESULTS.md, "bf16 autocast on CPUs")
+    "w160": ModelConfig(n_layer=4, n_head=4, n_embd=160, block_size=128, vocab_size=223),
+    "w192": ModelConfig(n_layer=4, n_head=4, n_embd=192, block_size=128, vocab_size=223),
+    "w256": ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=128, vocab_size=223),
+    "speedrun": ModelConfig(n_layer=2, n_head=4, n_embd=128, block_size=64, vocab_size=66),
 }
-BATCH = {"cpu": {"default": 16, "baby": 8, "gpt2": 1, "gpt2-pad64": 1},
-         "cuda": {"default": 64, "baby": 64, "gpt2": 16, "gpt2-pad64": 16}}
+BATCH = {"cpu": {"default": 16, "baby": 8, "gpt2": 1, "gpt2-pad64": 1, "w160": 16, "w192": 16, "w256": 16,
+                 "speedrun": 16},
+         "cuda": {"default": 64, "baby": 64, "gpt2": 16, "gpt2-pad64": 16, "w160": 64, "w192": 64, "w256": 64,
+                  "speedrun": 64}}
 # Issue 13's GPU goal for GPT-2 124M (bf16, compiled, 16x1024 micro-batches x 4): nanoGPT on an H100 measured
 # 460,000 tok/s (40.3% MFU); gptmini should reach >= 1.15x that and >= 46% MFU. Printed beside GPU results.
 GPT2_GOAL = "goal (H100, issue 13): >= 529,000 tok/s (1.15x nanoGPT's 460,000) and >= 46% MFU"
@@ -57,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=["mha", "sdpa"])
     p.add_argument("--optims", nargs="+", choices=list(OPTIMIZER_REGISTRY), default=["adamw"],
                    help="optim.name values to time side by side (muon: the speedrun recipes' optimizer)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
+    p.add_argument("--dtype", "--dtypes", dest="dtypes", nargs="+", default=["auto"],
+                   help="train.dtype values timed side by side, e.g. --dtypes float32 bfloat16 (auto: what "
+                        "train.dtype=auto picks for each model on this device)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--grad-accum", type=int,
@@ -105,7 +114,7 @@ class Case:
         self.batches = itertools.repeat((x, y))
         padding = (cfg.padded_vocab - cfg.vocab_size) * cfg.n_embd  # padding rows do no useful work: not counted
         self.flops = flops_per_token(model.num_parameters() - padding, cfg.n_layer, cfg.n_embd, cfg.block_size)
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.times: list[float] = []
 
     def step(self) -> None:
@@ -136,12 +145,17 @@ class Case:
         self.times.append((time.perf_counter() - start) / steps)
 
 
+def case_dtype(name: str, model_name: str, device: torch.device) -> torch.dtype:
+    """What `--dtypes NAME` means for this model: auto resolves as train.dtype=auto would (on CPUs: by width)."""
+    return resolve_dtype(name, device, key="--dtypes", n_embd=MODELS[model_name].n_embd)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     models = args.models or (["default", "baby"] + (["gpt2", "gpt2-pad64"] if device.type == "cuda" else []))
     compiled = [False] + ([True] if not args.eager and (args.compile or device.type == "cuda") else [])
+
     def accum(model_name: str) -> int:
         if args.grad_accum is not None:
             return args.grad_accum
@@ -149,53 +163,57 @@ def main(argv: list[str] | None = None) -> None:
 
     chunks = [None] + ([args.loss_chunk] if args.loss_chunk else [])
     docs = [None] + ([args.doc_mask] if args.doc_mask else [])
-    cases = [Case(m, v, c, device, dtype, accum(m), k, o, d) for m in models for v in args.variants
-             for c in compiled for k in chunks for o in args.optims for d in docs]
+    cases = [Case(m, v, c, device, case_dtype(t, m, device), accum(m), k, o, d)
+             for m in models for t in args.dtypes for v in args.variants for c in compiled for k in chunks
+             for o in args.optims for d in docs]
     for case in cases:
         for _ in range(args.warmup):
             case.step()
     for _ in range(args.rounds):
         for case in cases:
             case.time(args.steps)
-
-    peak = peak_flops(describe(device).name, dtype)
-    lines = [
-        "| model | attention | mode | batch x block x accum | ms / step | tokens/s | vs mha | TFLOP/s | MFU |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    base: dict[tuple[str, str], float] = {}
-    for case in cases:
-        per_step = statistics.median(case.times)
-        tok_s = case.tokens / per_step
-        if case.label[1] == "mha":
-            base[(case.label[0], case.label[2])] = tok_s
-        ref = base.get((case.label[0], case.label[2]))
-        util = mfu(tok_s, case.flops, peak)
-        lines.append(
-            f"| {case.label[0]} | {case.label[1]} | {case.label[2]} | {case.batch} x "
-            f"{case.tokens // case.batch // case.grad_accum} x {case.grad_accum} | "
-            f"{per_step * 1e3:.1f} | {tok_s:,.0f} | {'n/a' if ref is None else f'{tok_s / ref:.2f}x'} | "
-            f"{tok_s * case.flops / 1e12:.3f} | {'n/a' if util is None else f'{util:.1%}'} |"
-        )
-    if any(m.startswith("gpt2") for m in models) and device.type == "cuda":
-        lines.append(f"\n{GPT2_GOAL}")
-    table = "\n".join(lines)
-    if args.profile:
-        profiles = [f"{', '.join(case.label)}:\n\n```\n{case.top_ops()}\n```" for case in cases]
-        table += "\n\n<details><summary>Where the time goes (torch.profiler, 3 steps each)</summary>\n\n"
-        table += "\n\n".join(profiles) + "\n\n</details>"
-    dtype_name = str(dtype).removeprefix("torch.")
     report = (
-        f"## Training step (`benchmarks/train.py`)\n\n{machine()}; {dtype_name}; median of {args.rounds} rounds x "
+        f"## Training step (`benchmarks/train.py`)\n\n{machine()}; median of {args.rounds} rounds x "
         f"{args.steps} steps of `TrainStep.train_step` (accumulation, clip, non-finite check, optimizer, schedule) on "
-        f"random tokens.\n"
+        f"random tokens, the cases interleaved round by round.\n"
         f"Command: `python benchmarks/train.py {shlex.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-        f"{table}\n"
+        f"{results_table(cases, models, device, args.profile)}\n"
     )
     print(report)
     if not args.no_write:
         write_section("train", report)
 
+
+def results_table(cases: list[Case], models: list[str], device: torch.device, profile: bool) -> str:
+    """One row per case; `vs mha` compares with the mha case of the same model, mode and dtype."""
+    lines = [
+        "| model | attention | mode | dtype | batch x block x accum | ms / step | best ms / step | tokens/s | vs mha | "
+        "TFLOP/s | MFU |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    base: dict[tuple[str, str, torch.dtype], float] = {}
+    for case in cases:
+        per_step = statistics.median(case.times)
+        tok_s = case.tokens / per_step
+        if case.label[1] == "mha":
+            base[(case.label[0], case.label[2], case.dtype)] = tok_s
+        ref = base.get((case.label[0], case.label[2], case.dtype))
+        util = mfu(tok_s, case.flops, peak_flops(describe(device).name, case.dtype))
+        lines.append(
+            f"| {case.label[0]} | {case.label[1]} | {case.label[2]} | {str(case.dtype).removeprefix('torch.')} | "
+            f"{case.batch} x {case.tokens // case.batch // case.grad_accum} x {case.grad_accum} | "
+            f"{per_step * 1e3:.1f} | {min(case.times) * 1e3:.1f} | {tok_s:,.0f} | "
+            f"{'n/a' if ref is None else f'{tok_s / ref:.2f}x'} | "
+            f"{tok_s * case.flops / 1e12:.3f} | {'n/a' if util is None else f'{util:.1%}'} |"
+        )
+    if any(m.startswith("gpt2") for m in models) and device.type == "cuda":
+        lines.append(f"\n{GPT2_GOAL}")
+    table = "\n".join(lines)
+    if profile:
+        profiles = [f"{', '.join(case.label)}, {case.dtype}:\n\n```\n{case.top_ops()}\n```" for case in cases]
+        table += "\n\n<details><summary>Where the time goes (torch.profiler, 3 steps each)</summary>\n\n"
+        table += "\n\n".join(profiles) + "\n\n</details>"
+    return table
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ import os
 # CUDA builds ignore it. gptmini.backend_probe reports which kernel really runs.
 os.environ.setdefault("TORCH_ROCM_AOTRITON_ENABLE_EXPERIMENTAL", "1")
 
+from gptmini import phases  # noqa: E402, F401  (imports nothing heavy; notes when loading began)
 from gptmini.startup import defer_interrupts  # noqa: E402  (imports nothing heavy)
 
 defer_interrupts()  # a command's Ctrl-C while torch loads is reported by gptmini.cli, in one line

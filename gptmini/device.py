@@ -152,14 +152,49 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     return False, f"{device.type} is not known to gain from bf16"
 
 
-def resolve_dtype(requested: str, device: torch.device, key: str = "train.dtype") -> torch.dtype:
-    """auto: bf16 where the GPU supports it, else fp16 (with a gradient scaler); fp32 on CPU and MPS."""
-    if requested == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    check_choice(key, requested, ("auto", *DTYPE_NAMES))
-    return DTYPES[requested]
+# bf16 autocast on a CPU with native bf16 pays only for wide enough layers: for narrow ones the casts of weights,
+# activations and gradients cost more than the faster matmuls save. Measured side by side on a 2-core AMX Xeon
+# (benchmarks/train.py --dtypes float32 bfloat16, 4 layers, 16 x 128 tokens; benchmarks/RESULTS.md, "CPU speed"):
+# n_embd 128 is 7-18 % slower in bf16, 160 1.1x faster, 192 1.3x, 256 1.7x, 384 (the baby model) 2.1x.
+CPU_BF16_MIN_EMBD = 192
+
+
+def cpu_autocast_dtype(native: bool, n_embd: int | None, min_embd: int = CPU_BF16_MIN_EMBD) -> tuple[str, str]:
+    """What `dtype=auto` picks on a CPU, from plain facts: whether it computes bf16 natively and the model's width;
+    ("bfloat16" | "float32", the reason in words). Without a width (no model yet) it stays in float32."""
+    if not native:
+        return "float32", "no native bf16 on this CPU"
+    if n_embd is None:
+        return "float32", "model width unknown"
+    if n_embd < min_embd:
+        return "float32", f"native bf16, but n_embd={n_embd} < {min_embd}: too narrow for bf16 to pay"
+    return "bfloat16", f"native bf16 and n_embd={n_embd} >= {min_embd}"
+
+
+def dtype_choice(requested: str, device: torch.device, n_embd: int | None = None,
+                 key: str = "train.dtype") -> tuple[torch.dtype, str]:
+    """The dtype `requested` means on `device` for a model `n_embd` wide, and why, in words (for a start-up line).
+
+    auto: bf16 where the GPU supports it, else fp16 (with a gradient scaler); on CPUs bf16 autocast where the CPU
+    computes bf16 natively and the model is wide enough (`cpu_autocast_dtype`), else fp32; fp32 on MPS.
+    """
+    if requested != "auto":
+        check_choice(key, requested, ("auto", *DTYPE_NAMES))
+        return DTYPES[requested], f"set by {key}={requested}"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: the GPU supports bf16"
+        return torch.float16, "auto: the GPU has no bf16"
+    if device.type == "cpu":
+        name, why = cpu_autocast_dtype(cpu_has_native_bf16(), n_embd)
+        return DTYPES[name], f"auto: {why}"
+    return torch.float32, f"auto: {device.type} is not known to gain from bf16"
+
+
+def resolve_dtype(requested: str, device: torch.device, key: str = "train.dtype",
+                  n_embd: int | None = None) -> torch.dtype:
+    """The dtype of `dtype_choice` alone."""
+    return dtype_choice(requested, device, n_embd, key)[0]
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -6,11 +6,15 @@ carries one. Pillow only (TensorBoard's image summaries need it anyway): no plot
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from gptmini.heatmap import colorize, gradient
+
+if TYPE_CHECKING:  # Pillow loads when a picture is drawn: a run that draws none never imports it
+    from PIL import Image, ImageFont
 
 BAR_W = 12  # width of the colour bar itself
 SCALE_W = BAR_W + 56  # the bar, a gap and its tick labels
@@ -18,11 +22,15 @@ FONT_H = 11
 
 
 def font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    from PIL import ImageFont
+
     return ImageFont.load_default()
 
 
 def colour_scale(height: int, ticks: list[str], signed: bool = False) -> Image.Image:
     """A (SCALE_W x height) colour bar, labelled top to bottom with `ticks` (evenly spaced; first = maximum)."""
+    from PIL import Image, ImageDraw
+
     img = Image.new("RGB", (SCALE_W, height), "white")
     bar = (gradient(max(height - FONT_H, 1), BAR_W, signed).permute(1, 2, 0) * 255).round().byte().numpy()
     img.paste(Image.fromarray(bar), (0, FONT_H // 2))
@@ -44,6 +52,8 @@ def scale_ticks(scale: str, signed: bool) -> list[str]:
 
 def with_colour_scale(rgb: torch.Tensor, scale: str, signed: bool) -> np.ndarray:
     """A (3, H, W) heat map -> an (H, W + SCALE_W, 3) uint8 image with its colour scale on the right."""
+    from PIL import Image
+
     tile = (rgb.permute(1, 2, 0) * 255).round().byte().numpy()  # (H, W, 3)
     img = Image.new("RGB", (tile.shape[1] + SCALE_W, tile.shape[0]), "white")
     img.paste(Image.fromarray(tile), (0, 0))
@@ -59,6 +69,8 @@ def value_grid(values: torch.Tensor, title: str, low: float, high: float, signed
                fmt: str = "{:.2f}") -> Image.Image:
     """values (L, H) -> a layers x heads grid, each cell coloured on [low, high] with its value written in it,
     a title above and a colour scale on the right. NaN cells (not measured) are grey and read "n/a"."""
+    from PIL import Image, ImageDraw
+
     L, H = values.shape
     width, height = LABEL_W + H * CELL_W + 6 + SCALE_W, 2 * FONT_H + 6 + L * CELL_H
     img = Image.new("RGB", (width, height), "white")

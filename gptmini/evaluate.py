@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from gptmini import data as data_lib
 from gptmini.checkpoint import load_for_inference
 from gptmini.config import DataConfig, EvaluateConfig
-from gptmini.device import autocast, resolve_device, resolve_dtype
+from gptmini.device import autocast, dtype_choice, resolve_device
 from gptmini.pretrained import is_pretrained_ref
 from gptmini.tokenizer import Tokenizer
 
@@ -86,8 +86,11 @@ def run_evaluation(cfg: EvaluateConfig, stream: TextIO | None = sys.stdout) -> E
             f"measure, e.g. data=shakespeare data.path=input.txt"
         )
     device = resolve_device(opts.device, key="eval.device")
-    dtype = resolve_dtype(opts.dtype, device, key="eval.dtype")
+    dtype_choice(opts.dtype, device, key="eval.dtype")  # a bad value fails before the checkpoint loads
     model, tokenizer, saved, path = load_for_inference(cfg.ckpt, device)
+    dtype, why = dtype_choice(opts.dtype, device, model.config.n_embd, key="eval.dtype")
+    if opts.dtype == "auto" and stream is not None:
+        print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
     block_size = model.config.block_size
     window = opts.window if opts.window is not None else block_size
     if not 1 <= window <= block_size:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from gptmini.checkpoint import load_for_inference
 from gptmini.config import GenerateConfig
-from gptmini.device import autocast, available_memory, resolve_device, resolve_dtype
+from gptmini.device import autocast, available_memory, dtype_choice, resolve_device
 from gptmini.model import GPT
 from gptmini.paths import check_output_file, check_writable, write_atomic
 from gptmini.sampling import generate_stream
@@ -109,7 +109,7 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
     """
     cfg.validate()
     device = resolve_device(cfg.device, key="device")
-    dtype = resolve_dtype(cfg.dtype, device, key="dtype")
+    dtype_choice(cfg.dtype, device, key="dtype")  # a bad value fails before anything loads
     if cfg.compile:
         check_compiler(device)
     for key in ("out", "attention_map"):  # before sampling: a long sample is not lost at the end
@@ -119,6 +119,9 @@ def run_generation(cfg: GenerateConfig, stream: TextIO | None = sys.stdout) -> l
         check_writable(cfg.attention_tb, "attention_tb", folder=True)
     prompt = read_prompt(cfg)
     model, tokenizer, _, _ = load_for_inference(cfg.ckpt, device, cfg.model.attention)
+    dtype, why = dtype_choice(cfg.dtype, device, model.config.n_embd, key="dtype")
+    if cfg.dtype == "auto":  # on stderr: stdout is the sample
+        print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     check_sample_memory(cfg, model, len(ids), device)
     idx = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)  # (N, T)

@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from gptmini.attention import causal_keep_mask
 from gptmini.drawing import font, value_grid
 from gptmini.heatmap import SIGNED_TOL
 from gptmini.run_log import TensorBoard
+
+if TYPE_CHECKING:  # Pillow loads when a picture is drawn (train.attn_interval): not on every run's start-up
+    from PIL import Image
 
 # name -> how the table and the summary call it
 METRICS = {"entropy": "entropy", "sink": "sink", "previous": "previous-token", "self": "self",
@@ -236,6 +239,8 @@ def log_head_diagnostics(tb: TensorBoard, model: nn.Module, probe_ids: Tensor, s
 
 def report_image(report: HeadReport, columns: int = 2) -> Image.Image:
     """Every metric's grid in one picture (`heads.png`), `columns` grids per row, the notable heads below."""
+    from PIL import Image, ImageDraw
+
     tiles = [Image.fromarray(metric_image(report, name).permute(1, 2, 0).numpy()) for name in report.scores]
     w = max(t.width for t in tiles) + 12
     h = max(t.height for t in tiles) + 12

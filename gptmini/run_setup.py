@@ -30,7 +30,7 @@ from gptmini.checkpoint import (
 )
 from gptmini.config import ModelConfig, RunConfig
 from gptmini.config_checks import check_run_config
-from gptmini.device import DeviceInfo, describe, resolve_device, resolve_dtype
+from gptmini.device import DeviceInfo, describe, dtype_choice, resolve_device
 from gptmini.distributed import DistEnv, barrier, broadcast, load_optimizer_state, resolve_strategy, wrap_model
 from gptmini.finite import check_finite_weights
 from gptmini.model import GPT
@@ -59,6 +59,7 @@ class Hardware:
     dtype: torch.dtype
     info: DeviceInfo
     strategy: str  # none | ddp | fsdp
+    dtype_why: str = ""  # why this dtype, in words: "set by train.dtype=...", "auto: ..."
 
 
 @dataclass
@@ -86,7 +87,7 @@ class RunParts:
 def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
     check_run_config(cfg)  # again: `train(cfg, run_dir)` from Python does not pass through the command line
     hw = resolve_hardware(cfg, env)
-    notes = [f"device: {hw.info.backend}; dtype: {str(hw.dtype).removeprefix('torch.')}"]
+    notes = []
     if env.enabled:
         notes.append(f"distributed: {env.world_size} processes, strategy {hw.strategy}")
     notes.extend(optimizer_class(cfg.optim.name).notes(cfg, hw.device))  # e.g. Muon's Newton-Schulz dtype
@@ -104,6 +105,8 @@ def build_run(cfg: RunConfig, run_dir: Path, env: DistEnv) -> RunParts:
         )
     data = load_data(cfg, env, resume)
     model, model_cfg = build_model(cfg, data, resume, hw.device, env)
+    hw = with_model_dtype(hw, cfg.train.dtype, model_cfg)  # auto on CPUs depends on the model's width
+    notes.insert(0, f"device: {hw.info.backend}; dtype: {str(hw.dtype).removeprefix('torch.')} ({hw.dtype_why})")
     if resume is not None:
         check_compatible(resume, model_cfg, data.tokenizer.spec(), cfg.optim)
         notes.append(f"resumed from {resume_from} at step {resume['step']}")
@@ -170,8 +173,14 @@ def resolve_hardware(cfg: RunConfig, env: DistEnv) -> Hardware:
     device = resolve_device(cfg.train.device)
     if device.type == "cuda" and env.enabled:
         device = torch.device("cuda", env.local_rank)
-    dtype = resolve_dtype(cfg.train.dtype, device)
-    return Hardware(env=env, device=device, dtype=dtype, info=describe(device), strategy=strategy)
+    dtype, why = dtype_choice(cfg.train.dtype, device, cfg.model.n_embd)
+    return Hardware(env=env, device=device, dtype=dtype, info=describe(device), strategy=strategy, dtype_why=why)
+
+
+def with_model_dtype(hw: Hardware, requested: str, model_cfg: ModelConfig) -> Hardware:
+    """`hw` with train.dtype resolved for the model as built (pretrained weights set its width, not the config)."""
+    dtype, why = dtype_choice(requested, hw.device, model_cfg.n_embd)
+    return dataclasses.replace(hw, dtype=dtype, dtype_why=why)
 
 
 def local_rank_zero_first(env: DistEnv, work: Callable[[bool], T]) -> T:

@@ -44,6 +44,7 @@ from gptmini.distributed import (
 from gptmini.evaluate import evaluate_split
 from gptmini.head_metrics import log_head_diagnostics
 from gptmini.paths import CONFIG_FILE, write_atomic
+from gptmini.phases import PhaseClock
 from gptmini.run_lock import RunDirLocked, run_dir_lock
 from gptmini.run_log import (
     TAG_PARAMETERS,
@@ -131,6 +132,7 @@ class TrainingLoop:
                                        if not attention_class(name).returns_weights})
         self.draws_attention = not self.silent_variants
         self.attn_interval = t.attn_interval if self.draws_attention else 0
+        self.clock = PhaseClock()  # where the run's seconds go, logged before the final line
 
     def run(self) -> TrainResult:
         self.restore()
@@ -138,6 +140,7 @@ class TrainingLoop:
         t, stopped = self.t, False
         stop_step = min(t.max_iters, self.trainer.step + t.stop_after) if t.stop_after else t.max_iters
         self.model.train()
+        self.clock.loop_started()
         with stop_on_signals() as stop, profiler(t.profile and self.hw.env.is_main, self.run_dir) as prof, \
                 progress_bar(self.trainer.step, t.max_iters, enabled=self.hw.env.is_main) as bar:
             while self.trainer.step < stop_step and not stopped:
@@ -254,8 +257,9 @@ class TrainingLoop:
         )
 
     def evaluate_and_log(self, step: int) -> None:
-        losses = {split: self.estimate_loss(tokens) for split, tokens in
-                  (("train", self.data.train), ("val", self.data.val))}
+        with self.clock.phase("evaluation"):
+            losses = {split: self.estimate_loss(tokens) for split, tokens in
+                      (("train", self.data.train), ("val", self.data.val))}
         self.log.info(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         self.tb.scalars({"loss/train_eval": losses["train"], TAG_VAL_LOSS: losses["val"]}, step)
         val = losses["val"]
@@ -314,9 +318,10 @@ class TrainingLoop:
         if not self.trainer.weights_finite():
             raise TrainingError(f"the weights or optimizer state became non-finite by step {step}, so {name} was "
                                 f"not saved; {self.last_good()}; lower train.lr or use train.dtype=float32")
-        state = self.checkpoint_state()
-        if self.hw.env.is_main:
-            save_checkpoint(state, self.ckpt_dir / name)
+        with self.clock.phase("checkpoints"):
+            state = self.checkpoint_state()
+            if self.hw.env.is_main:
+                save_checkpoint(state, self.ckpt_dir / name)
         if name == LAST:
             self.last_saved = step
 
@@ -343,17 +348,20 @@ class TrainingLoop:
     def final_evaluation(self) -> float | None:
         if not self.t.final_eval:
             self.write_final_metrics(None)
+            self.log.info(self.clock.summary(self.trainer.step))
             return None
         window = self.t.eval_window or self.model_cfg.block_size
         self.log.info(f"final evaluation: the whole val split ({len(self.data.val):,} tokens) in windows of {window}")
         try:
-            final = evaluate_split(self.model, self.data.val, window, self.hw.device, self.trainer.ctx,
-                                   progress=self.hw.env.is_main)
+            with self.clock.phase("evaluation"):
+                final = evaluate_split(self.model, self.data.val, window, self.hw.device, self.trainer.ctx,
+                                       progress=self.hw.env.is_main)
         except KeyboardInterrupt:
             self.log.info(f"final evaluation interrupted; the checkpoints are saved (last.pt at step "
                           f"{self.last_saved}); measure later with: python -m gptmini.evaluate ckpt={self.run_dir}")
             raise
         self.write_final_metrics(final)
+        self.log.info(self.clock.summary(self.trainer.step))
         self.log.info(f"final val loss {final:.4f} (whole split, window {window})")
         return final
 

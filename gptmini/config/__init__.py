@@ -291,7 +291,7 @@ class GenerateConfig:
     seed: int = 1337
     stop: str | None = None  # stop at this string; end-of-text always stops
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (train.dtype's rule for the checkpoint's model)
     compile: bool = False
     kv_cache: bool = True
     out: str | None = None  # also write the samples to this file
@@ -327,7 +327,7 @@ class EvalOptions:
     window: int | None = None  # tokens per non-overlapping window (default: the model's block_size)
     batch_size: int = 64  # windows per forward pass
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (train.dtype's rule for the checkpoint's model)
 
 
 @dataclass
