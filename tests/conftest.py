@@ -26,3 +26,14 @@ def tiktoken_cache(monkeypatch) -> Path:
     except TokenizerError as err:
         pytest.skip(f"the gpt2 vocabulary is unavailable offline (no TIKTOKEN_CACHE_DIR holding it): {err}")
     return Path(os.environ["TIKTOKEN_CACHE_DIR"])
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Pretend to run on the CPU described by the dict passed to the returned function (see cpu_helpers.py)."""
+    import gptmini.device
+
+    def use(caps: dict) -> None:
+        monkeypatch.setattr(gptmini.device, "cpu_capabilities", lambda: caps)
+
+    return use

@@ -12,7 +12,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import gptmini.device
 from gptmini.cli import to_dataclass
 from gptmini.config import EvalOptions, EvaluateConfig, GenerateConfig, register_configs
 from gptmini.device import CPU_BF16_MIN_EMBD, cpu_autocast_dtype, dtype_choice
@@ -21,23 +20,11 @@ from gptmini.generate_command import run_generation
 from gptmini.paths import LOG_FILE
 from gptmini.trainer import train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cpu_helpers import APPLE_M1, AVX2_EPYC, GRAVITON3, SAPPHIRE_RAPIDS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-SAPPHIRE_RAPIDS = {"architecture": "x86_64", "cpu_name": "Intel Xeon Platinum 8480+", "avx512_bf16": True,
-                   "amx_bf16": True}
-AVX2_EPYC = {"architecture": "x86_64", "cpu_name": "AMD EPYC 7763", "avx2": True, "avx512_bf16": False}
-APPLE_M1 = {"architecture": "arm64", "cpu_name": "Apple M1", "neon": True}  # Armv8.5: no BF16 instructions
-GRAVITON3 = {"architecture": "aarch64", "cpu_name": "Neoverse-V1", "neon": True, "bf16": True}
-
-
-@pytest.fixture
-def cpu(monkeypatch):
-    """Pretend to run on the CPU described by the dict passed to the returned function."""
-
-    def use(caps: dict) -> None:
-        monkeypatch.setattr(gptmini.device, "cpu_capabilities", lambda: caps)
-
-    return use
 
 
 @pytest.mark.parametrize(("native", "n_embd", "want"), [

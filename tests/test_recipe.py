@@ -33,6 +33,7 @@ from gptmini.optim import (
 from gptmini.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cpu_helpers import AVX2_EPYC, GRAVITON3, SAPPHIRE_RAPIDS  # noqa: E402
 from model_helpers import tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -409,24 +410,6 @@ def test_set_lr_scales_every_group_from_its_own_peak():
     opt = make_optimizer(GPT(dataclasses.replace(run.model, vocab_size=20)), run, torch.device("cpu"))
     assert set_lr(opt, 4, run) == pytest.approx(0.002 * 0.5)
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([0.001, 0.025])
-
-
-# What torch.cpu.get_capabilities() reports on three kinds of CPU.
-AVX2_EPYC = {"architecture": "x86_64", "cpu_name": "AMD EPYC 7763", "avx2": True, "avx512_bf16": False}
-SAPPHIRE_RAPIDS = {"architecture": "x86_64", "cpu_name": "Intel Xeon Platinum 8480+", "avx2": True,
-                   "avx512_bf16": True, "amx_bf16": True}
-GRAVITON3 = {"architecture": "aarch64", "cpu_name": "Neoverse-V1", "neon": True, "bf16": True}
-
-
-@pytest.fixture
-def cpu(monkeypatch):
-    """Pretend to run on the CPU described by the dict passed to the returned function."""
-    import gptmini.device
-
-    def use(caps: dict) -> None:
-        monkeypatch.setattr(gptmini.device, "cpu_capabilities", lambda: caps)
-
-    return use
 
 
 @pytest.mark.parametrize(("caps", "want"), [(AVX2_EPYC, torch.float32), (SAPPHIRE_RAPIDS, torch.bfloat16),
