@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--override", nargs="*", default=[], help="extra overrides for every run")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     p.add_argument("--keep-runs", action="store_true", help="keep the run directories (default: deleted)")
+    p.add_argument("--runs", help="tabulate the runs already in this folder (<data>/<arm>-seed<N>) instead")
     return p.parse_args(argv)
 
 
@@ -113,6 +114,16 @@ def run_study(args: argparse.Namespace, data: str, work: Path, env: dict[str, st
     return done
 
 
+def table(runs: list[Path], baseline: str) -> str:
+    """gptmini.compare's tables of `runs`, p-values against the group holding the `baseline` arm's runs (groups are
+    labelled by every setting that differs, so the arm's name alone can match several)."""
+    paths = [str(r) for r in runs]
+    groups = compare(CompareConfig(paths=paths)).groups
+    mine = {r.resolve() for r in runs if r.name.rsplit("-seed", 1)[0] == baseline}
+    label = next((g.label for g in groups if {r.path.resolve() for r in g.runs} == mine), None)
+    return compare(CompareConfig(paths=paths, baseline=label)).markdown
+
+
 def report(args: argparse.Namespace, tables: dict[str, str], command: str) -> str:
     experiment, _, arms_of, _, shared = STUDIES[args.study]
     arms = arms_of()
@@ -138,18 +149,18 @@ def main(argv: list[str] | None = None) -> None:
     _, corpora, _, baseline, _ = STUDIES[args.study]
     env = dict(os.environ, TQDM_DISABLE="1", HYDRA_FULL_ERROR="1")
     work = Path(tempfile.mkdtemp(prefix=f"learning-{args.study}-"))
+    print(f"run directories: {work}", flush=True)  # kept if tabulating fails: --runs WORK tabulates them again
     tables = {}
     for data in corpora:
-        runs = run_study(args, data, work, env)
-        result = compare(CompareConfig(paths=[str(r) for r in runs], baseline=baseline))
-        tables[data] = re.sub(r"^## ", "#### ", result.markdown, flags=re.M)  # under this section's headings
+        runs = sorted((Path(args.runs) / data).glob("*-seed*")) if args.runs else run_study(args, data, work, env)
+        tables[data] = re.sub(r"^## ", "#### ", table(runs, baseline), flags=re.M)  # under this section's headings
     markdown = report(args, tables, "python benchmarks/learning.py " + shlex.join(argv or sys.argv[1:]))
     print("\n" + markdown)
     if not args.no_write:
         write_section(f"learning_{args.study}", markdown)
-    if args.keep_runs:
-        print(f"run directories: {work}")
-    else:
+    if args.keep_runs or args.runs:
+        print(f"run directories: {args.runs or work}")
+    if not args.keep_runs:
         shutil.rmtree(work, ignore_errors=True)
 
 
